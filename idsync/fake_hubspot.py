@@ -1,0 +1,780 @@
+"""A fake HubSpot CRM contacts API: a real HTTP server on loopback, for tests and the demo.
+
+It behaves like the parts of HubSpot's v3 contacts API that idsync relies on
+(see ``shared/reference/hubspot.md``): unique lowercase emails, 409 with
+"Existing ID", batches of at most 100 inputs, 207 partial failures when every
+input has an ``objectWriteTraceId``, a rolling rate limit answered with 429, and
+204 on archive. Test switches inject faults; the same switches are reachable over
+HTTP under ``/_fake/`` (no auth, not rate limited) so that another process can
+drive a fake started with ``python -m idsync.fake_hubspot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import re
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from flask import Flask, Response, g, has_request_context, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+CONTACTS = "/crm/v3/objects/contacts"
+BATCH_LIMIT = 100
+FIRST_ID = 101
+DEFAULT_PROPERTIES = frozenset(
+    {
+        "email", "firstname", "lastname", "phone", "company", "jobtitle", "lifecyclestage",
+        "idsync_deprovisioned", "idsync_user_id", "hs_object_id",
+    }
+)  # fmt: skip
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NO_CREDENTIALS = "Authentication credentials not found."
+_NON_UNIQUE = "Unable to perform update/upsert by non-unique 0-1 property"
+_FAULT_CATEGORIES = {
+    400: "VALIDATION_ERROR", 401: "INVALID_AUTHENTICATION", 403: "MISSING_SCOPES",
+    404: "OBJECT_NOT_FOUND", 423: "LOCKED", 429: "RATE_LIMITS",
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    """An error answer in HubSpot's shape, for a whole call or for one batch input."""
+
+    def __init__(self, status: int, category: str, message: str, **context: list[str]) -> None:
+        super().__init__(message)
+        self.status, self.category, self.message, self.context = status, category, message, context
+
+    def body(self, trace_id: str | None = None) -> dict[str, Any]:
+        """The JSON error object HubSpot sends, naming the input's trace id when given."""
+        body: dict[str, Any] = {"status": "error", "category": self.category}
+        body |= {"message": self.message, "correlationId": str(uuid.uuid4())}
+        context = self.context | ({"objectWriteTraceId": [trace_id]} if trace_id else {})
+        return body | ({"context": context} if context else {})
+
+
+def _not_found(key: str) -> ApiError:
+    return ApiError(404, "OBJECT_NOT_FOUND", f"resource not found: {key}", ids=[key])
+
+
+def _conflict(existing_id: str) -> ApiError:
+    return ApiError(409, "CONFLICT", f"Contact already exists. Existing ID: {existing_id}")
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "VALIDATION_ERROR", message)
+
+
+def _property_problem(name: str, error: str, message: str) -> dict[str, Any]:
+    return {"isValid": False, "message": message, "error": error, "name": name}
+
+
+def _invalid_properties(problems: list[dict[str, Any]]) -> ApiError:
+    return _invalid("Property values were not valid: " + json.dumps(problems))
+
+
+def _invalid_email(email: str) -> ApiError:
+    problem = _property_problem("email", "INVALID_EMAIL", f"Email address {email} is invalid")
+    return _invalid_properties([problem])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _touch(ids: Iterable[str] = (), emails: Iterable[str] = ()) -> None:
+    """Note which contacts the current request touched, for the overlap checks of tests."""
+    if has_request_context() and "touched_ids" in g:
+        g.touched_ids.update(ids)
+        g.touched_emails.update(email for email in emails if email)
+
+
+@dataclass
+class _Contact:
+    id: str
+    properties: dict[str, str]
+    created_at: str
+    updated_at: str
+    archived: bool = False
+    merged_into: str | None = None
+
+    def to_json(self, requested: Iterable[str] = ()) -> dict[str, Any]:
+        properties: dict[str, str | None] = {name: None for name in requested}
+        properties |= self.properties
+        properties |= {"hs_object_id": self.id, "createdate": self.created_at}
+        properties["lastmodifieddate"] = self.updated_at
+        return {
+            "id": self.id,
+            "properties": properties,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "archived": self.archived,
+        }
+
+
+class _Store:
+    """The contacts of one fake account; callers hold the fake's lock."""
+
+    def __init__(self, known_properties: Iterable[str]) -> None:
+        self.known = set(known_properties)
+        self.contacts: dict[str, _Contact] = {}
+        self.owners: dict[str, str] = {}  # email of a live contact -> its id
+        self.next_id = FIRST_ID
+
+    def copy(self) -> _Store:
+        """A deep enough copy to try a batch on and throw away if it must fail as a whole."""
+        clone = _Store(self.known)
+        clone.contacts = {
+            cid: replace(contact, properties=dict(contact.properties))
+            for cid, contact in self.contacts.items()
+        }
+        clone.owners, clone.next_id = dict(self.owners), self.next_id
+        return clone
+
+    def find(self, key: str, *, by_email: bool = False) -> _Contact:
+        """The live contact with this id (following merges) or email; 404 otherwise."""
+        if by_email:
+            _touch(emails=[key.lower()])
+            contact_id = self.owners.get(key.lower(), "")
+        elif key.isdigit():
+            contact_id = key
+        else:
+            raise ApiError(
+                404, "OBJECT_NOT_FOUND", "Object not found.  objectId are usually numeric."
+            )
+        contact = self.contacts.get(contact_id)
+        while contact is not None and contact.merged_into:
+            contact = self.contacts.get(contact.merged_into)
+        if contact is None or contact.archived:
+            raise _not_found(key)
+        _touch([contact.id], [contact.properties.get("email", "")])
+        return contact
+
+    def create(self, properties: object) -> _Contact:
+        values = self._validated(properties)
+        owner = self.owners.get(values.get("email", ""))
+        if owner is not None:
+            raise _conflict(owner)
+        contact = _Contact(str(self.next_id), {}, _now(), _now())
+        self.next_id += 1
+        self.contacts[contact.id] = contact
+        self._write(contact, values)
+        return contact
+
+    def update(self, contact: _Contact, properties: object) -> _Contact:
+        values = self._validated(properties)
+        owner = self.owners.get(values.get("email", ""))
+        if owner is not None and owner != contact.id:
+            raise _conflict(owner)
+        self._write(contact, values)
+        return contact
+
+    def archive(self, key: str) -> None:
+        try:
+            contact = self.find(key)
+        except ApiError:
+            return  # HubSpot answers 204 for unknown ids too.
+        contact.archived = True
+        self.owners = {email: cid for email, cid in self.owners.items() if cid != contact.id}
+
+    def merge(self, from_id: str, into_id: str) -> None:
+        source, target = self.find(from_id), self.find(into_id)
+        if source.id == target.id:
+            raise _invalid("Cannot merge a contact into itself")
+        source.merged_into = target.id
+        for email, owner in self.owners.items():
+            if owner == source.id:
+                self.owners[email] = target.id  # the old email now finds the survivor
+
+    def _write(self, contact: _Contact, values: dict[str, str]) -> None:
+        old_email = contact.properties.get("email", "")
+        for name, value in values.items():
+            if value == "":
+                contact.properties.pop(name, None)
+            else:
+                contact.properties[name] = value
+        new_email = contact.properties.get("email", "")
+        if new_email != old_email:
+            if self.owners.get(old_email) == contact.id:
+                del self.owners[old_email]
+            if new_email:
+                self.owners[new_email] = contact.id
+        contact.updated_at = _now()
+        _touch([contact.id], [old_email, new_email])
+
+    def _validated(self, properties: object) -> dict[str, str]:
+        if not isinstance(properties, dict):
+            raise _invalid("Invalid input JSON: 'properties' must be an object")
+        values = {
+            str(name): "" if value is None else str(value) for name, value in properties.items()
+        }
+        values.pop("hs_object_id", None)  # read-only: the id decides it
+        problems = [
+            _property_problem(name, "PROPERTY_DOESNT_EXIST", f'Property "{name}" does not exist')
+            for name in values
+            if name not in self.known
+        ]
+        if problems:
+            raise _invalid_properties(problems)
+        if values.get("email"):
+            values["email"] = email = values["email"].strip().lower()
+            if not _EMAIL.match(email):
+                raise _invalid_email(email)
+        return values
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One API request the fake answered: when it ran and which contacts it touched."""
+
+    method: str
+    path: str
+    status: int
+    started: float
+    finished: float
+    contact_ids: frozenset[str]
+    emails: frozenset[str]
+
+    def overlaps(self, other: RequestRecord) -> bool:
+        """Whether both requests touched one contact while both were in flight."""
+        shared = (self.contact_ids & other.contact_ids) or (self.emails & other.emails)
+        return bool(shared) and self.started < other.finished and other.started < self.finished
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "contact_ids": sorted(self.contact_ids),
+            "emails": sorted(self.emails),
+        }
+
+
+@dataclass
+class _Fault:
+    remaining: int
+    status: int = 500
+    category: str | None = None
+    policy: str = "TEN_SECONDLY_ROLLING"
+    retry_after: float | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> _Fault:
+        """A fault as the control API describes it: ``{"kind": ..., "count": n, ...}``."""
+        fields = {"status", "category", "policy", "retry_after", "seconds"}
+        return cls(int(body.get("count", 1)), **{k: v for k, v in body.items() if k in fields})
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Tests make thousands of requests; one access-log line each is noise."""
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise _invalid("Invalid input JSON: expected an object")
+    return body
+
+
+def _batch_inputs(body: dict[str, Any]) -> list[dict[str, Any]]:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
+        raise _invalid("Invalid input JSON: 'inputs' must be a list of objects")
+    if len(inputs) > BATCH_LIMIT:
+        raise _invalid(f"Too many inputs: {len(inputs)}; a batch takes at most {BATCH_LIMIT}.")
+    return inputs
+
+
+def _batch_answer(
+    results: list[dict[str, Any]], errors: list[dict[str, Any]], status: int
+) -> tuple[Response, int]:
+    body: dict[str, Any] = {"status": "COMPLETE", "results": results}
+    body |= {"startedAt": _now(), "completedAt": _now()}
+    if errors:
+        return jsonify(body | {"numErrors": len(errors), "errors": errors}), 207
+    return jsonify(body), status
+
+
+def _result(contact: _Contact, item: dict[str, Any], **extra: bool) -> dict[str, Any]:
+    trace = (
+        {"objectWriteTraceId": item["objectWriteTraceId"]} if "objectWriteTraceId" in item else {}
+    )
+    return contact.to_json() | extra | trace
+
+
+def _create_input(store: _Store, item: dict[str, Any]) -> dict[str, Any]:
+    return _result(store.create(item.get("properties")), item)
+
+
+def _update_input(store: _Store, item: dict[str, Any]) -> dict[str, Any]:
+    return _result(store.update(store.find(str(item.get("id", ""))), item.get("properties")), item)
+
+
+def _upsert_input(store: _Store, item: dict[str, Any]) -> dict[str, Any]:
+    email = str(item.get("id", "")).strip().lower()
+    properties = item.get("properties")
+    if not isinstance(properties, dict):
+        raise _invalid("Invalid input JSON: 'properties' must be an object")
+    if not _EMAIL.match(email):
+        raise _invalid_email(email)
+    # The upsert key is the email: it overrides any email among the properties.
+    properties = properties | {"email": email}
+    try:
+        contact = store.find(email, by_email=True)
+    except ApiError:
+        return _result(store.create(properties), item, new=True)
+    return _result(store.update(contact, properties), item, new=False)
+
+
+_BatchWrite = Callable[[_Store, dict[str, Any]], dict[str, Any]]
+_BATCH_WRITES: dict[str, _BatchWrite] = {
+    "create": _create_input,
+    "update": _update_input,
+    "upsert": _upsert_input,
+}
+
+
+class FakeHubSpot:
+    """A HubSpot contacts API on 127.0.0.1 with switches for tests; use as a context manager."""
+
+    def __init__(
+        self,
+        token: str = "fake-token",  # noqa: S107 - the fake's well-known default, not a secret
+        rate_limit: int = 100,
+        window_seconds: float = 10.0,
+        daily_limit: int = 250000,
+        port: int = 0,
+        *,
+        properties: Iterable[str] = DEFAULT_PROPERTIES,
+    ) -> None:
+        self._initial = (token, rate_limit, window_seconds, daily_limit, frozenset(properties))
+        self._port = port
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.app = self._build_app()
+        self.reset()
+
+    # Lifecycle
+
+    def start(self) -> FakeHubSpot:
+        """Serve in a background thread; ``url`` is valid afterwards."""
+        if self._server is not None:
+            raise RuntimeError("the fake HubSpot is already running")
+        self._stopping.clear()
+        self._server = make_server(
+            "127.0.0.1", self._port, self.app, threaded=True, request_handler=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; slowed requests in flight are cut short."""
+        if self._server is None or self._thread is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+        self._server = self._thread = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the fake HubSpot is not running; call start() first")
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> FakeHubSpot:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # Test switches
+
+    def reset(self) -> None:
+        """Forget every contact, fault, counter and log; back to the constructor's settings."""
+        token, rate_limit, window, daily, properties = self._initial
+        with self._lock:
+            self._token = token
+            self._rate_limit, self._window_seconds, self._daily_limit = rate_limit, window, daily
+            self._store = _Store(properties)
+            self._window: deque[float] = deque()
+            self._daily_used = 0
+            self._faults: dict[str, deque[_Fault]] = defaultdict(deque)
+            self._log: list[RequestRecord] = []
+            self._stats: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def set_token(self, token: str) -> None:
+        with self._lock:
+            self._token = token
+
+    def set_rate_limit(
+        self, limit: int, window_seconds: float, daily_limit: int | None = None
+    ) -> None:
+        with self._lock:
+            self._rate_limit, self._window_seconds = limit, window_seconds
+            self._daily_limit = self._daily_limit if daily_limit is None else daily_limit
+            self._window.clear()
+
+    def set_known_properties(self, names: Iterable[str]) -> None:
+        """Properties that exist in the account; writing any other answers PROPERTY_DOESNT_EXIST."""
+        with self._lock:
+            self._store.known = set(names)
+
+    def fail_next(self, n: int, status: int = 500, category: str | None = None) -> None:
+        """The next ``n`` API requests answer ``status`` with a HubSpot-like error body."""
+        self._add_fault("fail", _Fault(n, status=status, category=category))
+
+    def rate_limit_next(
+        self, n: int, policy: str = "TEN_SECONDLY_ROLLING", retry_after: float | None = None
+    ) -> None:
+        """The next ``n`` API requests answer 429 for ``policy``, with Retry-After if given."""
+        self._add_fault("rate_limit", _Fault(n, policy=policy, retry_after=retry_after))
+
+    def slow_next(self, n: int, seconds: float) -> None:
+        """The next ``n`` API requests wait ``seconds`` before they are applied."""
+        self._add_fault("slow", _Fault(n, seconds=seconds))
+
+    def seed_contact(self, properties: dict[str, str]) -> str:
+        """Create a contact as if someone had made it in HubSpot; returns its id."""
+        with self._lock:
+            return self._store.create(properties).id
+
+    def merge(self, from_id: str, into_id: str) -> None:
+        """Merge ``from_id`` into ``into_id``: the old id then reads and writes the survivor."""
+        with self._lock:
+            self._store.merge(from_id, into_id)
+
+    # Observation
+
+    def contacts(self, include_archived: bool = False) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                contact.to_json() | {"mergedInto": contact.merged_into}
+                for contact in self._store.contacts.values()
+                if include_archived or not (contact.archived or contact.merged_into)
+            ]
+
+    def contact_by_email(self, email: str) -> dict[str, Any] | None:
+        with self._lock:
+            contact_id = self._store.owners.get(email.lower())
+            return self._store.contacts[contact_id].to_json() if contact_id else None
+
+    @property
+    def requests_log(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._log)
+
+    def overlaps(self) -> list[tuple[RequestRecord, RequestRecord]]:
+        """Pairs of requests that touched one contact at the same time (should be none)."""
+        log = self.requests_log
+        return [(a, b) for i, a in enumerate(log) for b in log[i + 1 :] if a.overlaps(b)]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            by_route = {route: dict(statuses) for route, statuses in self._stats.items()}
+            return {
+                "requests": by_route,
+                "total": sum(sum(statuses.values()) for statuses in by_route.values()),
+                "rate_limited": sum(statuses.get("429", 0) for statuses in by_route.values()),
+            }
+
+    # Request pipeline: auth, limits and faults before the route; headers and log after it.
+
+    def _add_fault(self, kind: str, fault: _Fault) -> None:
+        if kind not in ("fail", "rate_limit", "slow"):
+            raise _invalid(f"Unknown fault kind {kind!r}: use fail, rate_limit or slow")
+        with self._lock:
+            self._faults[kind].append(fault)
+
+    def _take_fault(self, kind: str) -> _Fault | None:
+        queue = self._faults[kind]
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            queue.popleft()
+        return fault
+
+    def _before(self) -> Response | tuple[Response, int] | None:
+        if request.path.startswith("/_fake/"):
+            return None
+        g.started, g.touched_ids, g.touched_emails = time.monotonic(), set(), set()
+        with self._lock:
+            answer = self._admit(request.headers.get("Authorization", ""))
+            slow = self._take_fault("slow") if answer is None else None
+        if slow is not None:
+            self._stopping.wait(slow.seconds)
+        return answer
+
+    def _admit(self, authorization: str) -> Response | tuple[Response, int] | None:
+        """Refuse the request as HubSpot would, or count it against the limits."""
+        expected = f"Bearer {self._token}".encode()
+        if not hmac.compare_digest(authorization.encode(), expected):
+            message = f"{_NO_CREDENTIALS} This API supports OAuth 2.0 and private app tokens."
+            response = jsonify(ApiError(401, "INVALID_AUTHENTICATION", message).body())
+            response.headers["X-HubSpot-Auth-Failure"] = _NO_CREDENTIALS
+            return response, 401
+        forced = self._take_fault("rate_limit")
+        if forced is not None:
+            return self._rate_limited(forced.policy, forced.retry_after)
+        now = time.monotonic()
+        self._expire(now)
+        if self._daily_used >= self._daily_limit:
+            return self._rate_limited("DAILY", None)
+        if len(self._window) >= self._rate_limit:
+            return self._rate_limited("TEN_SECONDLY_ROLLING", None)
+        self._window.append(now)
+        self._daily_used += 1
+        failure = self._take_fault("fail")
+        if failure is None:
+            return None
+        category = failure.category or _FAULT_CATEGORIES.get(failure.status, "INTERNAL_ERROR")
+        error = ApiError(
+            failure.status, category, f"Injected failure ({failure.status}); retry later."
+        )
+        return jsonify(error.body()), failure.status
+
+    def _rate_limited(self, policy: str, retry_after: float | None) -> tuple[Response, int]:
+        response = jsonify(
+            status="error",
+            message=f"You have reached your {policy.lower()} limit.",
+            errorType="RATE_LIMIT",
+            policyName=policy,
+            correlationId=str(uuid.uuid4()),
+        )
+        if retry_after is not None:
+            response.headers["Retry-After"] = f"{retry_after:g}"
+        return response, 429
+
+    def _limit_headers(self) -> dict[str, str]:
+        values = {
+            "Max": self._rate_limit,
+            "Remaining": max(0, self._rate_limit - len(self._window)),
+            "Interval-Milliseconds": round(self._window_seconds * 1000),
+            "Daily": self._daily_limit,
+            "Daily-Remaining": max(0, self._daily_limit - self._daily_used),
+        }
+        return {f"X-HubSpot-RateLimit-{name}": str(value) for name, value in values.items()}
+
+    def _expire(self, now: float) -> None:
+        while self._window and self._window[0] <= now - self._window_seconds:
+            self._window.popleft()
+
+    def _after(self, response: Response) -> Response:
+        if request.path.startswith("/_fake/"):
+            return response
+        finished = time.monotonic()
+        route = f"{request.method} {request.url_rule.rule if request.url_rule else request.path}"
+        with self._lock:
+            self._expire(finished)
+            response.headers.update(self._limit_headers())
+            self._stats[route][str(response.status_code)] += 1
+            self._log.append(
+                RequestRecord(
+                    request.method, request.path, response.status_code, g.started, finished,
+                    frozenset(g.touched_ids), frozenset(g.touched_emails),
+                )
+            )  # fmt: skip
+        return response
+
+    # HubSpot routes
+
+    def _create(self) -> tuple[Response, int]:
+        body = _json_body()
+        with self._lock:
+            return jsonify(self._store.create(body.get("properties")).to_json()), 201
+
+    def _read(self, contact_id: str) -> Response:
+        requested = [
+            name for value in request.args.getlist("properties") for name in value.split(",")
+        ]
+        with self._lock:
+            contact = self._store.find(contact_id, by_email=self._by_email())
+            return jsonify(contact.to_json(requested))
+
+    def _update(self, contact_id: str) -> Response:
+        body = _json_body()
+        with self._lock:
+            contact = self._store.find(contact_id, by_email=self._by_email())
+            return jsonify(self._store.update(contact, body.get("properties")).to_json())
+
+    def _archive(self, contact_id: str) -> Response:
+        with self._lock:
+            self._store.archive(contact_id)
+        return Response(status=204)
+
+    def _batch(self, operation: str) -> Any:
+        body = _json_body()
+        inputs = _batch_inputs(body)
+        if operation == "read":
+            return self._batch_read(inputs, self._by_email(body), body.get("properties") or [])
+        if operation == "archive":
+            with self._lock:
+                for item in inputs:
+                    self._store.archive(str(item.get("id", "")))
+            return Response(status=204)
+        write = _BATCH_WRITES.get(operation)
+        if write is None:
+            raise ApiError(404, "OBJECT_NOT_FOUND", f"Unknown batch operation: {operation}")
+        self._check_batch_keys(operation, inputs, self._by_email(body))
+        return self._batch_write(write, inputs, 201 if operation == "create" else 200)
+
+    def _batch_write(
+        self, write: _BatchWrite, inputs: list[dict[str, Any]], status: int
+    ) -> tuple[Response, int]:
+        traced = bool(inputs) and all(item.get("objectWriteTraceId") for item in inputs)
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        with self._lock:
+            trial = self._store.copy()
+            for item in inputs:
+                try:
+                    results.append(write(trial, item))
+                except ApiError as error:
+                    if not traced:  # Without trace ids one bad input fails the whole batch.
+                        raise ApiError(
+                            400, error.category, error.message, **error.context
+                        ) from None
+                    errors.append(error.body(str(item["objectWriteTraceId"])))
+            self._store = trial
+        return _batch_answer(results, errors, status)
+
+    def _batch_read(
+        self, inputs: list[dict[str, Any]], by_email: bool, requested: list[str]
+    ) -> tuple[Response, int]:
+        found: list[dict[str, Any]] = []
+        missing: list[str] = []
+        with self._lock:
+            for item in inputs:
+                key = str(item.get("id", ""))
+                try:
+                    found.append(self._store.find(key, by_email=by_email).to_json(requested))
+                except ApiError:
+                    missing.append(key)
+        message = "Could not get some CONTACT objects, they may be deleted or not exist."
+        errors = [ApiError(404, "OBJECT_NOT_FOUND", message, ids=missing).body()] if missing else []
+        return _batch_answer(found, errors, 200)
+
+    @staticmethod
+    def _by_email(body: dict[str, Any] | None = None) -> bool:
+        id_property = (body or {}).get("idProperty") or request.args.get("idProperty")
+        return id_property == "email"
+
+    @staticmethod
+    def _check_batch_keys(operation: str, inputs: list[dict[str, Any]], by_email: bool) -> None:
+        """Refuse a whole batch as HubSpot does: wrong key kind or the same key twice."""
+        if operation == "create":
+            return
+        keys = [str(item.get("id", "")).strip().lower() for item in inputs]
+        by_email = by_email or any(item.get("idProperty") == "email" for item in inputs)
+        if operation == "update" and (by_email or any("@" in key for key in keys)):
+            raise _invalid(_NON_UNIQUE)
+        if operation == "upsert" and not by_email:
+            raise _invalid("This fake upserts by idProperty=email only.")
+        duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
+        if duplicates:
+            raise _invalid(f"Duplicate IDs found in batch input: {duplicates}")
+
+    # Control API for other processes: no auth, not counted, not logged.
+
+    def _control(self, action: str) -> Any:
+        body = _json_body() if request.method == "POST" and request.content_length else {}
+        match request.method, action:
+            case "GET", "contacts":
+                return jsonify(results=self.contacts(include_archived=True))
+            case "GET", "stats":
+                return jsonify(self.stats())
+            case "GET", "requests":
+                return jsonify([record.to_json() for record in self.requests_log])
+            case "POST", "contacts":
+                return jsonify(id=self.seed_contact(_field(body, "properties"))), 201
+            case "POST", "faults":
+                self._add_fault(str(_field(body, "kind")), _Fault.from_json(body))
+            case "POST", "reset":
+                self.reset()
+            case "POST", "token":
+                self.set_token(str(_field(body, "token")))
+            case "POST", "merge":
+                self.merge(str(_field(body, "from_id")), str(_field(body, "into_id")))
+            case "POST", "limits":
+                limit, window = (
+                    int(_field(body, "rate_limit")),
+                    float(_field(body, "window_seconds")),
+                )
+                self.set_rate_limit(limit, window, body.get("daily_limit"))
+            case "POST", "properties":
+                self.set_known_properties(_field(body, "names"))
+            case _:
+                raise ApiError(404, "OBJECT_NOT_FOUND", f"No control route {action}")
+        return Response(status=204)
+
+    def _build_app(self) -> Flask:
+        app = Flask(__name__)
+        app.before_request(self._before)
+        app.after_request(self._after)
+        app.register_error_handler(ApiError, lambda error: (jsonify(error.body()), error.status))
+        app.register_error_handler(HTTPException, _http_error)
+        one = f"{CONTACTS}/<path:contact_id>"
+        app.add_url_rule(CONTACTS, "create", self._create, methods=["POST"])
+        app.add_url_rule(f"{CONTACTS}/batch/<operation>", "batch", self._batch, methods=["POST"])
+        app.add_url_rule(one, "read", self._read, methods=["GET"])
+        app.add_url_rule(one, "update", self._update, methods=["PATCH"])
+        app.add_url_rule(one, "archive", self._archive, methods=["DELETE"])
+        app.add_url_rule("/_fake/<action>", "control", self._control, methods=["GET", "POST"])
+        return app
+
+
+def _field(body: dict[str, Any], name: str) -> Any:
+    if name not in body:
+        raise _invalid(f"Invalid input JSON: '{name}' is required")
+    return body[name]
+
+
+def _http_error(error: HTTPException) -> tuple[Response, int]:
+    status = error.code or 500
+    category = _FAULT_CATEGORIES.get(
+        status, "VALIDATION_ERROR" if status < 500 else "INTERNAL_ERROR"
+    )
+    return jsonify(ApiError(status, category, error.description or error.name).body()), status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a fake HubSpot until SIGTERM or SIGINT; prints its URL on the first line."""
+    parser = argparse.ArgumentParser(prog="python -m idsync.fake_hubspot", description=__doc__)
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--token", default="fake-token")
+    parser.add_argument("--rate-limit", type=int, default=100, help="requests per window")
+    parser.add_argument("--window", type=float, default=10.0, help="window in seconds")
+    parser.add_argument("--daily-limit", type=int, default=250000)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    fake = FakeHubSpot(args.token, args.rate_limit, args.window, args.daily_limit, args.port)
+    with fake:
+        print(fake.url, flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""One typed settings object, read once from the environment.
+
+Every tunable of idsync is a field here, named after its environment variable.
+Nothing connects at import time: processes build a ``Settings`` at start-up and
+pass it down, and tests build their own without touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EMBEDDED_DATABASE_URL = "sqlite:///idsync.db"
+EMBEDDED_BROKER_URL = "sqla+sqlite:///idsync-broker.db"
+
+# About a day in twelve attempts: a few seconds first, then hours.
+DEFAULT_RETRY_SCHEDULE = "5s,15s,1m,5m,15m,30m,1h,2h,3h,4h,6h,8h"
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text`` such as ``"90"``, ``"15s"``, ``"5m"``, ``"2h"`` or ``"30d"``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (write e.g. 30s, 5m, 2h or 1d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_rate_limit(text: str) -> tuple[int, float]:
+    """``"100/10s"`` -> (100 requests, 10.0 seconds)."""
+    count, _, window = text.partition("/")
+    if not count.strip().isdigit() or not window:
+        raise ValueError(f"not a rate limit: {text!r} (write e.g. 100/10s)")
+    return int(count), parse_duration(window)
+
+
+def _split(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(value)  # type: ignore[arg-type]
+
+
+class Settings(BaseSettings):
+    """Configuration of every idsync process; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    database_url: str = EMBEDDED_DATABASE_URL
+    celery_broker_url: str = EMBEDDED_BROKER_URL
+    redis_url: str | None = None
+    redis_key_prefix: str = "idsync"
+    destinations: CommaList = ("hubspot",)
+
+    ingest_token: CommaList = ()
+    ingest_allowed_sources: CommaList = ()
+    ingest_max_body_bytes: int = 256 * 1024
+    admin_token: str | None = None
+    secret_key: str | None = None
+
+    hubspot_token: str | None = None
+    hubspot_base_url: str = "https://api.hubapi.com"
+    hubspot_rate_limit: str = "100/10s"
+    hubspot_timezone: str = "UTC"
+    hubspot_property_map: str | None = None
+    hubspot_batch_size: int = Field(100, ge=1, le=100)
+    hubspot_timeout_seconds: float = 10.0
+    deprovision: Literal["archive", "mark"] = "archive"
+    deprovision_property: str = "idsync_deprovisioned"
+
+    retry_schedule: CommaList = tuple(DEFAULT_RETRY_SCHEDULE.split(","))
+    retry_jitter: float = Field(0.2, ge=0, le=1)
+    lease_seconds: float = 120.0
+    sweep_seconds: float = 5.0
+    pause_probe_seconds: float = 60.0
+    wakeup_token_seconds: float = 2.0
+    max_reclaims: int = 3
+    retention_days: int = 30
+    retention_delete_days: int = 365
+    publish_timeout_seconds: float = 0.5
+    flower_url: str | None = None
+
+    @field_validator(
+        "destinations", "ingest_token", "ingest_allowed_sources", "retry_schedule", mode="before"
+    )
+    @classmethod
+    def _comma_list(cls, value: object) -> tuple[str, ...]:
+        return _split(value)
+
+    @field_validator("destinations")
+    @classmethod
+    def _known_destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - {"hubspot"})
+        if unknown:
+            raise ValueError(f"unknown destination(s) {unknown}; idsync knows: hubspot")
+        return value
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _durations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            parse_duration(item)
+        if not value:
+            raise ValueError("RETRY_SCHEDULE needs at least one delay, e.g. 5s,1m,10m")
+        return value
+
+    @field_validator("hubspot_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        parse_rate_limit(value)
+        return value
+
+    @field_validator("hubspot_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(f"unknown IANA time zone {value!r}, e.g. Europe/Berlin") from error
+        return value
+
+    @model_validator(mode="after")
+    def _hubspot_base_url_is_safe(self) -> Settings:
+        url = self.hubspot_base_url
+        loopback = re.match(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)", url)
+        if not url.startswith("https://") and not loopback:
+            raise ValueError("HUBSPOT_BASE_URL must use https:// (plain http only on loopback)")
+        return self
+
+    # Derived values, in the units the code uses.
+
+    @property
+    def effective_redis_url(self) -> str | None:
+        """``REDIS_URL``, or the broker URL when the broker is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        if self.celery_broker_url.startswith(("redis://", "rediss://")):
+            return self.celery_broker_url
+        return None
+
+    @property
+    def retry_delays(self) -> list[float]:
+        """The retry schedule in seconds; its length is the attempt budget."""
+        return [parse_duration(item) for item in self.retry_schedule]
+
+    @property
+    def rate_limit(self) -> tuple[int, float]:
+        """``HUBSPOT_RATE_LIMIT`` as (requests, window seconds)."""
+        return parse_rate_limit(self.hubspot_rate_limit)
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.lease_seconds)

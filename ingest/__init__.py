@@ -1,0 +1,63 @@
+"""The ingest service: the Auth0 webhook, health, metrics and the admin API.
+
+Run it with ``gunicorn "ingest:create_app()"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, Response, jsonify
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from idsync.logs import configure_logging
+from idsync.settings import Settings
+from ingest.metrics import IngestMetrics
+from ingest.publish import Waker
+from models.db import make_engine, make_session_factory
+
+
+@dataclass
+class IngestState:
+    """What the request handlers share; built once per process by ``create_app``."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    waker: Waker
+    metrics: IngestMetrics
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the ingest Flask app from ``settings`` (default: the environment)."""
+    settings = settings or Settings()
+    configure_logging("ingest")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    engine = make_engine(settings.database_url)
+    app.extensions["idsync"] = IngestState(
+        settings=settings,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        waker=Waker(settings),
+        metrics=IngestMetrics(),
+    )
+
+    from ingest import health, webhook
+
+    app.register_blueprint(webhook.blueprint)
+    app.register_blueprint(health.blueprint)
+    if settings.admin_token:
+        from ingest import admin
+
+        app.register_blueprint(admin.blueprint)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> tuple[Response, int]:
+        code = error.code or 500
+        return jsonify(status="rejected", error=error.description), code
+
+    return app

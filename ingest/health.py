@@ -1,0 +1,68 @@
+"""Liveness, readiness and metrics endpoints (keep them on an internal network)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest.metrics import exposition
+from models.tables import DestinationState
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    """200 while the process lives."""
+    return jsonify(status="ok")
+
+
+def _broker_state(state: Any) -> str:
+    try:
+        with state.waker.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=1)
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return f"unreachable: {type(error).__name__}"
+    return "ok"
+
+
+def destination_report(settings: Any, states: dict[str, DestinationState]) -> dict[str, str]:
+    """``ok`` or ``paused: <why>`` for each enabled destination."""
+    report = {}
+    for name in settings.destinations:
+        stored = states.get(name)
+        if name == "hubspot" and not settings.hubspot_token:
+            report[name] = "paused: HUBSPOT_TOKEN is not set"
+        elif stored is not None and stored.paused:
+            report[name] = f"paused: {stored.paused_reason or 'by an operator'}"
+        else:
+            report[name] = "ok"
+    return report
+
+
+@blueprint.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """200 when the database answers; broker and destinations are reported, not required."""
+    state = current_app.extensions["idsync"]
+    try:
+        with state.sessions() as session:
+            session.execute(text("SELECT 1"))
+            states = {row.name: row for row in session.scalars(select(DestinationState))}
+    except SQLAlchemyError as error:
+        return jsonify(status="unavailable", database=f"error: {type(error).__name__}"), 503
+    return jsonify(
+        status="ok",
+        database="ok",
+        broker=_broker_state(state),
+        destinations=destination_report(state.settings, states),
+    ), 200
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    """Prometheus exposition."""
+    body, content_type = exposition()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,370 @@
+"""Outbox operations that ingest and workers share: record, claim, finish, sweep.
+
+Every function takes the session as a keyword argument and never commits: the
+caller (a request, a task run) owns the transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Insert, and_, case, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
+
+from models.db import db_now
+from models.ordering import order_key
+from models.tables import (
+    Delivery,
+    DeliveryStatus,
+    DestinationState,
+    Event,
+    EventStatus,
+    Link,
+)
+
+
+def _insert(session: Session, table: Any) -> Insert:
+    """An INSERT that knows ON CONFLICT on the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table)  # type: ignore[no-any-return]
+
+
+# Recording events (ingest)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A validated CloudEvent, ready to store."""
+
+    source: str
+    event_id: str
+    type: str
+    subject: str | None
+    event_time: datetime
+    object_updated_at: datetime | None
+    payload: dict[str, Any]
+    body_sha256: str
+    status: EventStatus
+    ignore_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What storing an event did: a new row with its deliveries, or a duplicate."""
+
+    duplicate: bool
+    event_pk: int | None
+    stored_sha256: str | None = None
+    destinations: tuple[str, ...] = ()
+
+
+def record_event(
+    *, session: Session, event: NewEvent, destinations: Sequence[str]
+) -> Recorded:
+    """Insert the event and one delivery per destination, unless (source, id) exists.
+
+    The unique constraint decides duplicates, so two identical posts racing each
+    other store one event: the loser's INSERT does nothing and it reads the winner.
+    """
+    values = {
+        "source": event.source,
+        "event_id": event.event_id,
+        "type": event.type,
+        "subject": event.subject,
+        "event_time": event.event_time,
+        "object_updated_at": event.object_updated_at,
+        "status": event.status,
+        "ignore_reason": event.ignore_reason,
+        "body_sha256": event.body_sha256,
+        "payload": event.payload,
+    }
+    statement = (
+        _insert(session, Event)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["source", "event_id"])
+        .returning(Event.id)
+    )
+    event_pk = session.execute(statement).scalar_one_or_none()
+    if event_pk is None:
+        stored = session.execute(
+            select(Event.body_sha256).where(
+                Event.source == event.source, Event.event_id == event.event_id
+            )
+        ).scalar_one_or_none()
+        return Recorded(duplicate=True, event_pk=None, stored_sha256=stored)
+    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
+    if targets:
+        session.execute(
+            _insert(session, Delivery),
+            [
+                {
+                    "event_pk": event_pk,
+                    "destination": name,
+                    "source": event.source,
+                    "subject": event.subject,
+                    "status": DeliveryStatus.PENDING,
+                }
+                for name in targets
+            ],
+        )
+    return Recorded(duplicate=False, event_pk=event_pk, destinations=targets)
+
+
+# Claiming a user's work (workers)
+
+
+@dataclass
+class UserWork:
+    """One user's claimed deliveries, oldest first, and the link that holds the user."""
+
+    link: Link
+    deliveries: list[Delivery]
+    lost: list[Delivery] = field(default_factory=list)  # reclaimed too often: worker_lost
+
+    def key_of(self, delivery: Delivery) -> str:
+        return event_order_key(delivery.event)
+
+
+@dataclass
+class Claim:
+    """Work taken by one worker under one lease token."""
+
+    token: str
+    now: datetime
+    expires_at: datetime
+    users: list[UserWork]
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        return [delivery for user in self.users for delivery in user.deliveries]
+
+
+def event_order_key(event: Event) -> str:
+    """The order key of a stored event."""
+    return order_key(
+        event_time=event.event_time,
+        received_at=event.received_at,
+        object_updated_at=event.object_updated_at,
+        event_type=event.type,
+        event_id=event.event_id,
+    )
+
+
+def _due(destination: str, now: datetime) -> Any:
+    """Deliveries of ``destination`` that a worker may take now."""
+    pending = and_(
+        Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now
+    )
+    orphaned = and_(
+        Delivery.status == DeliveryStatus.IN_PROGRESS, Delivery.lease_expires_at < now
+    )
+    return and_(Delivery.destination == destination, or_(pending, orphaned))
+
+
+def claim_due(
+    *,
+    session: Session,
+    destination: str,
+    max_users: int,
+    lease: timedelta,
+    max_reclaims: int,
+) -> Claim:
+    """Take up to ``max_users`` users with due work, each with all its due deliveries.
+
+    A user is held by a lease on its link row; a held user is skipped, so two
+    workers never work on one user at once. The lease comes from the database's
+    clock and expires by itself if the worker dies.
+    """
+    now = db_now(session)
+    token = str(uuid.uuid4())
+    expires_at = now + lease
+    candidates = session.execute(
+        select(Delivery.source, Delivery.subject)
+        .where(_due(destination, now))
+        .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id)
+        .limit(max_users * 4)
+    ).all()
+    users = list(dict.fromkeys((row.source, row.subject) for row in candidates))[:max_users]
+    if not users:
+        return Claim(token=token, now=now, expires_at=expires_at, users=[])
+    session.execute(
+        _insert(session, Link)
+        .values([{"destination": destination, "source": s, "subject": u} for s, u in users])
+        .on_conflict_do_nothing(index_elements=["destination", "source", "subject"])
+    )
+    free_links = session.scalars(
+        select(Link.id)
+        .where(
+            Link.destination == destination,
+            tuple_(Link.source, Link.subject).in_(users),
+            or_(Link.lease_token.is_(None), Link.lease_expires_at < now),
+        )
+        .order_by(Link.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not free_links:
+        return Claim(token=token, now=now, expires_at=expires_at, users=[])
+    session.execute(
+        update(Link)
+        .where(Link.id.in_(free_links))
+        .values(lease_token=token, lease_expires_at=expires_at)
+    )
+    links = session.scalars(select(Link).where(Link.id.in_(free_links))).all()
+    held = [(link.source, link.subject) for link in links]
+    session.execute(
+        update(Delivery)
+        .where(_due(destination, now), tuple_(Delivery.source, Delivery.subject).in_(held))
+        .values(
+            reclaims=Delivery.reclaims
+            + case((Delivery.status == DeliveryStatus.IN_PROGRESS, 1), else_=0),
+            status=DeliveryStatus.IN_PROGRESS,
+            lease_token=token,
+            lease_expires_at=expires_at,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    claimed = session.scalars(
+        select(Delivery)
+        .where(Delivery.lease_token == token)
+        .options(selectinload(Delivery.event))
+        .execution_options(populate_existing=True)
+    ).all()
+    return Claim(
+        token=token,
+        now=now,
+        expires_at=expires_at,
+        users=_group_by_user(links, claimed, max_reclaims),
+    )
+
+
+def _group_by_user(
+    links: Iterable[Link], claimed: Iterable[Delivery], max_reclaims: int
+) -> list[UserWork]:
+    by_user: dict[tuple[str, str], UserWork] = {
+        (link.source, link.subject): UserWork(link=link, deliveries=[]) for link in links
+    }
+    for delivery in claimed:
+        work = by_user[(delivery.source, delivery.subject)]
+        if delivery.reclaims > max_reclaims:
+            work.lost.append(delivery)
+        else:
+            work.deliveries.append(delivery)
+    for work in by_user.values():
+        work.deliveries.sort(key=work.key_of)
+    return list(by_user.values())
+
+
+def release_link(*, session: Session, link_id: int, token: str) -> bool:
+    """Give up the hold on a user; False when the lease was already lost."""
+    result = session.execute(
+        update(Link)
+        .where(Link.id == link_id, Link.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def update_link(*, session: Session, link_id: int, token: str, **values: Any) -> bool:
+    """Compare-and-set on the hold: write the link only while ``token`` still holds it."""
+    result = session.execute(
+        update(Link)
+        .where(Link.id == link_id, Link.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_delivery(
+    *,
+    session: Session,
+    delivery_id: int,
+    token: str,
+    now: datetime,
+    status: DeliveryStatus,
+    **values: Any,
+) -> None:
+    """Write a delivery's new state, if this worker's lease still holds it."""
+    finished = status in (
+        DeliveryStatus.SUCCEEDED,
+        DeliveryStatus.SKIPPED,
+        DeliveryStatus.FAILED,
+    )
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.lease_token == token)
+        .values(
+            status=status,
+            lease_token=None,
+            lease_expires_at=None,
+            updated_at=now,
+            finished_at=now if finished else None,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def owned_elsewhere(
+    *, session: Session, destination: str, contact_ids: Iterable[str], source: str, subject: str
+) -> set[str]:
+    """Those of ``contact_ids`` that another user's live link holds."""
+    ids = list(contact_ids)
+    if not ids:
+        return set()
+    rows = session.scalars(
+        select(Link.external_id).where(
+            Link.destination == destination,
+            Link.external_id.in_(ids),
+            Link.deprovisioned.is_(False),
+            or_(Link.source != source, Link.subject != subject),
+        )
+    ).all()
+    return {row for row in rows if row is not None}
+
+
+# Sweep and pauses
+
+
+def has_due_work(*, session: Session, destination: str) -> bool:
+    """Whether any delivery of ``destination`` is due or orphaned right now."""
+    now = db_now(session)
+    found = session.execute(
+        select(Delivery.id).where(_due(destination, now)).limit(1)
+    ).first()
+    return found is not None
+
+
+def destination_state(*, session: Session, name: str) -> DestinationState | None:
+    """The stored pause state of a destination, if any was ever written."""
+    return session.get(DestinationState, name)
+
+
+def set_paused(
+    *,
+    session: Session,
+    name: str,
+    paused: bool,
+    reason: str | None,
+    by: str,
+    probe_after: timedelta | None = None,
+) -> None:
+    """Pause or resume a destination; a paused one is probed again after ``probe_after``."""
+    now = db_now(session)
+    state = session.get(DestinationState, name, with_for_update=True)
+    if state is None:
+        state = DestinationState(name=name)
+        session.add(state)
+    state.paused = paused
+    state.paused_reason = reason if paused else None
+    state.paused_by = by if paused else None
+    state.paused_at = now if paused else None
+    state.next_probe_at = now + probe_after if paused and probe_after else None
+    session.flush()

@@ -1,0 +1,364 @@
+"""One batch of deliveries: claim users, ask the destination, record what happened.
+
+This is the worker's whole job, as a plain function that tests call directly;
+the Celery task around it only loops and hands over.
+
+1. Claim up to a batch of users with due work (each held by a lease on its link).
+2. Per user, drop events older than the last applied one (``stale``) and send
+   only the newest: Auth0 sends the whole user, so the newest event is the truth.
+3. Write every outcome with a compare-and-set on the user's hold; older events
+   of the user become ``stale`` only once the newest has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from idsync.settings import Settings
+from models.db import db_now, transaction
+from models.outbox import (
+    Claim,
+    UserWork,
+    claim_due,
+    destination_state,
+    finish_delivery,
+    owned_elsewhere,
+    release_link,
+    set_paused,
+    update_link,
+)
+from models.tables import Delivery, DeliveryAttempt, DeliveryStatus
+from workers.destinations.base import (
+    Destination,
+    Intent,
+    LinkState,
+    Outcome,
+    OwnershipCheck,
+    UserState,
+    Verdict,
+)
+from workers.retry import backoff_delay, budget_spent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for logs, metrics and tests."""
+
+    claimed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, label: str, n: int = 1) -> None:
+        self.outcomes[label] = self.outcomes.get(label, 0) + n
+
+
+@dataclass
+class _UserPlan:
+    work: UserWork
+    stale: list[Delivery]
+    newest: Delivery | None
+    older: list[Delivery]
+
+
+def _plan_user(work: UserWork) -> _UserPlan:
+    last = work.link.last_order_key
+    stale, live = [], []
+    for delivery in work.deliveries:
+        if last is not None and not delivery.force and work.key_of(delivery) <= last:
+            stale.append(delivery)
+        else:
+            live.append(delivery)
+    newest = live[-1] if live else None
+    return _UserPlan(work=work, stale=stale, newest=newest, older=live[:-1])
+
+
+def _intent(plan: _UserPlan) -> Intent:
+    assert plan.newest is not None
+    event, link = plan.newest.event, plan.work.link
+    return Intent(
+        key=str(plan.newest.id),
+        user=UserState.from_event(event.type, event.payload or {}),
+        link=LinkState(
+            external_id=link.external_id,
+            deprovisioned=link.deprovisioned,
+            properties_hash=link.properties_hash,
+            last_email=link.last_email,
+        ),
+        force=plan.newest.force,
+    )
+
+
+def is_paused(session: Session, settings: Settings, destination: str) -> bool:
+    """Paused by an operator, by a misconfiguration, or for want of a token."""
+    if destination == "hubspot" and not settings.hubspot_token:
+        return True
+    state = destination_state(session=session, name=destination)
+    return bool(state and state.paused)
+
+
+def run_batch(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    destination: Destination,
+    rng: random.Random | None = None,
+) -> BatchReport:
+    """Claim, deliver and record one batch of ``destination``'s due work."""
+    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+    report = BatchReport()
+    with transaction(sessions) as session:
+        if is_paused(session, settings, destination.name):
+            return report
+        claim = claim_due(
+            session=session,
+            destination=destination.name,
+            max_users=settings.hubspot_batch_size,
+            lease=settings.lease,
+            max_reclaims=settings.max_reclaims,
+        )
+    if not claim.users:
+        return report
+    report.claimed = len(claim.deliveries) + sum(len(u.lost) for u in claim.users)
+    plans = [_plan_user(work) for work in claim.users]
+    intents = [_intent(plan) for plan in plans if plan.newest is not None]
+    outcomes: dict[str, Outcome] = {}
+    if intents:
+        outcomes = destination.deliver(
+            intents, owned_elsewhere=_ownership_check(sessions, destination.name, claim)
+        )
+    with transaction(sessions) as session:
+        now = db_now(session)
+        for plan in plans:
+            _record_user(session, settings, claim, plan, outcomes, now, rng, report)
+        _pause_if_asked(session, settings, destination.name, outcomes)
+    return report
+
+
+def _ownership_check(
+    sessions: sessionmaker[Session], name: str, claim: Claim
+) -> OwnershipCheck:
+    """The destination's question "does another user hold this contact?", answered here."""
+    sources = {work.link.subject: work.link.source for work in claim.users}
+
+    def check(subject: str, contact_ids: Iterable[str]) -> set[str]:
+        with sessions() as session:
+            return owned_elsewhere(
+                session=session,
+                destination=name,
+                contact_ids=contact_ids,
+                source=sources[subject],
+                subject=subject,
+            )
+
+    return check
+
+
+def _pause_if_asked(
+    session: Session, settings: Settings, name: str, outcomes: dict[str, Outcome]
+) -> None:
+    pause = next((o for o in outcomes.values() if o.verdict is Verdict.PAUSE), None)
+    if pause is None:
+        return
+    log.error("destination %s paused: %s", name, pause.message)
+    set_paused(
+        session=session,
+        name=name,
+        paused=True,
+        reason=pause.message,
+        by="auto",
+        probe_after=timedelta(seconds=settings.pause_probe_seconds),
+    )
+
+
+def _record_user(
+    session: Session,
+    settings: Settings,
+    claim: Claim,
+    plan: _UserPlan,
+    outcomes: dict[str, Outcome],
+    now: datetime,
+    rng: random.Random,
+    report: BatchReport,
+) -> None:
+    """Write one user's outcomes, if this worker still holds the user."""
+    work, token = plan.work, claim.token
+    try:
+        with session.begin_nested():
+            _write_user(session, settings, claim, plan, outcomes, now, rng, report)
+    except IntegrityError:
+        # Another user's live link took this contact meanwhile: a human must decide.
+        assert plan.newest is not None
+        with session.begin_nested():
+            finish_delivery(
+                session=session, delivery_id=plan.newest.id, token=token, now=now,
+                status=DeliveryStatus.FAILED, reason="contact_owned",
+                last_error="the contact is linked to another user",
+            )
+            _release(session, plan.older, token, now, now)
+            release_link(session=session, link_id=work.link.id, token=token)
+        report.count("failed:contact_owned")
+
+
+def _write_user(
+    session: Session,
+    settings: Settings,
+    claim: Claim,
+    plan: _UserPlan,
+    outcomes: dict[str, Outcome],
+    now: datetime,
+    rng: random.Random,
+    report: BatchReport,
+) -> None:
+    work, token = plan.work, claim.token
+    for delivery in work.lost:
+        finish_delivery(
+            session=session, delivery_id=delivery.id, token=token, now=now,
+            status=DeliveryStatus.FAILED, reason="worker_lost",
+            last_error=f"reclaimed {delivery.reclaims - 1} times after its lease expired",
+        )
+        report.count("failed:worker_lost")
+    _finish_all(session, plan.stale, token, now, DeliveryStatus.SKIPPED, "stale", report)
+    if plan.newest is None:
+        release_link(session=session, link_id=work.link.id, token=token)
+        return
+    outcome = outcomes[str(plan.newest.id)]
+    _record_attempts(session, plan.newest, outcome)
+    if outcome.verdict in (Verdict.SUCCEEDED, Verdict.SKIPPED):
+        _apply(session, claim, plan, outcome, now, report)
+    elif outcome.verdict is Verdict.FAILED:
+        _fail(session, plan.newest, token, now, outcome, report)
+        _release(session, plan.older, token, now, now)
+        release_link(session=session, link_id=work.link.id, token=token)
+    else:
+        _retry(session, settings, plan, token, now, outcome, rng, report)
+        release_link(session=session, link_id=work.link.id, token=token)
+
+
+def _apply(
+    session: Session,
+    claim: Claim,
+    plan: _UserPlan,
+    outcome: Outcome,
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    """The newest state reached the destination (or needs nothing): move the link on."""
+    assert plan.newest is not None
+    link, newest = plan.work.link, plan.newest
+    key = max(plan.work.key_of(newest), link.last_order_key or "")
+    values: dict[str, object] = {"last_order_key": key, "updated_at": now}
+    if outcome.verdict is Verdict.SUCCEEDED:
+        values |= {
+            "external_id": outcome.external_id,
+            "properties_hash": outcome.properties_hash,
+            "last_email": outcome.email,
+            "deprovisioned": outcome.deprovisioned,
+        }
+        if outcome.created is not None:
+            values["created_contact"] = outcome.created
+    if not update_link(session=session, link_id=link.id, token=claim.token, **values):
+        log.warning("lost the hold on user %s; leaving its work to the next claim", link.subject)
+        return
+    status = DeliveryStatus(outcome.verdict.value)
+    finish_delivery(
+        session=session, delivery_id=newest.id, token=claim.token, now=now, status=status,
+        reason=outcome.reason, external_id=outcome.external_id,
+        attempts=newest.attempts + (1 if outcome.calls else 0),
+        last_status_code=outcome.calls[-1].status if outcome.calls else None,
+    )
+    report.count(f"{status.value}:{outcome.reason or ''}".rstrip(":"))
+    _finish_all(session, plan.older, claim.token, now, DeliveryStatus.SKIPPED, "stale", report)
+
+
+def _fail(
+    session: Session, delivery: Delivery, token: str, now: datetime, outcome: Outcome,
+    report: BatchReport,
+) -> None:
+    finish_delivery(
+        session=session, delivery_id=delivery.id, token=token, now=now,
+        status=DeliveryStatus.FAILED, reason=outcome.reason, last_error=outcome.message,
+        last_status_code=outcome.status_code, attempts=delivery.attempts + 1,
+    )
+    report.count(f"failed:{outcome.reason}")
+
+
+def _retry(
+    session: Session,
+    settings: Settings,
+    plan: _UserPlan,
+    token: str,
+    now: datetime,
+    outcome: Outcome,
+    rng: random.Random,
+    report: BatchReport,
+) -> None:
+    """Schedule the user's work again; a spent budget turns into ``failed``."""
+    assert plan.newest is not None
+    newest = plan.newest
+    delays = settings.retry_delays
+    attempts = newest.attempts + (1 if outcome.counts_against_budget else 0)
+    if outcome.counts_against_budget and budget_spent(attempts, delays):
+        exhausted = Outcome(
+            Verdict.FAILED, reason="retries_exhausted",
+            message=f"{outcome.reason}: {outcome.message}", status_code=outcome.status_code,
+        )
+        _fail(session, newest, token, now, exhausted, report)
+        _release(session, plan.older, token, now, now)
+        return
+    if outcome.verdict is Verdict.PAUSE:
+        delay = 0.0
+    elif outcome.retry_after is not None:
+        delay = outcome.retry_after
+    else:
+        delay = backoff_delay(attempts, delays, settings.retry_jitter, rng)
+    due = now + timedelta(seconds=delay)
+    finish_delivery(
+        session=session, delivery_id=newest.id, token=token, now=now,
+        status=DeliveryStatus.PENDING, next_attempt_at=due, attempts=attempts,
+        reason=None, last_error=outcome.message, last_status_code=outcome.status_code,
+    )
+    # The older events wait with the newest, so they are never sent on their own.
+    _release(session, plan.older, token, now, due)
+    report.count(f"retry:{outcome.reason}")
+
+
+def _finish_all(
+    session: Session, deliveries: list[Delivery], token: str, now: datetime,
+    status: DeliveryStatus, reason: str, report: BatchReport,
+) -> None:
+    for delivery in deliveries:
+        finish_delivery(session=session, delivery_id=delivery.id, token=token, now=now,
+                        status=status, reason=reason)
+    if deliveries:
+        report.count(f"{status.value}:{reason}", len(deliveries))
+
+
+def _release(
+    session: Session, deliveries: list[Delivery], token: str, now: datetime, due: datetime
+) -> None:
+    for delivery in deliveries:
+        finish_delivery(session=session, delivery_id=delivery.id, token=token, now=now,
+                        status=DeliveryStatus.PENDING, next_attempt_at=due)
+
+
+def _record_attempts(session: Session, delivery: Delivery, outcome: Outcome) -> None:
+    session.add_all(
+        DeliveryAttempt(
+            delivery_id=delivery.id,
+            duration_ms=call.duration_ms,
+            request_summary=call.request,
+            status_code=call.status,
+            error_category=call.error_category,
+            outcome=outcome.verdict.value,
+            response_excerpt=call.response_excerpt,
+        )
+        for call in outcome.calls
+    )

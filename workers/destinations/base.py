@@ -1,0 +1,134 @@
+"""The small interface every destination implements.
+
+A destination receives one ``Intent`` per user (the newest state idsync wants
+that user to have there, and what it knows of the user's link) and answers one
+``Outcome`` per intent. It maps and sends and reports; it never opens database
+sessions or writes rows: the worker owns state.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What the newest event says about a user."""
+
+    subject: str
+    email: str | None  # lowercased
+    previous_email: str | None  # lowercased, from data.previous_object
+    deprovisioned: bool  # deleted, or blocked
+    deleted: bool
+    profile: dict[str, Any]  # data.object, the whole user
+
+    @classmethod
+    def from_event(cls, event_type: str, payload: dict[str, Any]) -> UserState:
+        """Read the user out of a stored Auth0 event."""
+        data = payload.get("data") or {}
+        user = data.get("object") or {}
+        previous = data.get("previous_object") or {}
+        deleted = event_type == "user.deleted"
+        return cls(
+            subject=str(user.get("user_id")),
+            email=_email(user.get("email")),
+            previous_email=_email(previous.get("email")),
+            deprovisioned=deleted or user.get("blocked") is True,
+            deleted=deleted,
+            profile=user,
+        )
+
+
+def _email(value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip().lower()
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What idsync remembers of the user at this destination."""
+
+    external_id: str | None = None
+    deprovisioned: bool = False
+    properties_hash: str | None = None
+    last_email: str | None = None
+
+    @property
+    def live_id(self) -> str | None:
+        """The linked contact id while the link is live."""
+        return None if self.deprovisioned else self.external_id
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Bring one user to ``user`` at the destination."""
+
+    key: str  # unique in a batch: the delivery id
+    user: UserState
+    link: LinkState
+    force: bool = False  # an operator's resync: send even when nothing changed
+
+
+class Verdict(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"  # permanent for this delivery
+    RETRY = "retry"  # transient: try again later
+    PAUSE = "pause"  # the destination is misconfigured: stop them all
+
+
+@dataclass(frozen=True)
+class CallSummary:
+    """One HTTP call made for an intent, for the delivery's attempt history."""
+
+    request: str
+    status: int | None
+    duration_ms: float
+    error_category: str | None
+    response_excerpt: str | None
+
+
+@dataclass
+class Outcome:
+    """What happened to one intent, and what the link should say afterwards."""
+
+    verdict: Verdict
+    reason: str | None = None
+    message: str | None = None
+    status_code: int | None = None
+    # The link after a success: the contact id (None: unlinked), and how it looks now.
+    external_id: str | None = None
+    created: bool | None = None  # None: unchanged from the link
+    properties_hash: str | None = None
+    email: str | None = None
+    deprovisioned: bool = False
+    # For RETRY: whether it spends the attempt budget, and a wait the destination named.
+    counts_against_budget: bool = True
+    retry_after: float | None = None
+    calls: list[CallSummary] = field(default_factory=list)
+
+
+OwnershipCheck = Callable[[str, Iterable[str]], set[str]]
+"""(subject, contact ids) -> the ids among them that another user's live link holds."""
+
+
+class Destination(Protocol):
+    """A system idsync keeps in step with the identity provider."""
+
+    name: str
+
+    def deliver(self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck) -> dict[str, Outcome]:
+        """Bring each intent's user to its state; answer one outcome per intent key."""
+        ...
+
+    def probe(self) -> str | None:
+        """None when the destination accepts our credentials and mapping, else why not."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...

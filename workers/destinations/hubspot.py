@@ -1,0 +1,566 @@
+"""HubSpot CRM: keep one contact per Auth0 user, in batches, under the rate limit.
+
+The rules (DESIGN.md, "Delivery semantics for HubSpot"):
+
+- A linked user is updated by contact id, so an email change follows the person.
+- An unlinked user is looked up by its previous email, then its current one;
+  a contact found is adopted, otherwise one is upserted by lowercased email.
+- A contact held by another user's live link is never touched: ``contact_owned``.
+- Deprovisioning (a delete, or ``blocked: true``) archives the linked contact,
+  or sets a property with ``DEPROVISION=mark``.
+- The newest event is the whole truth for the mapped properties: a mapped field
+  that is absent is cleared, unmapped properties are never sent, and nothing is
+  sent when the mapped properties equal what was last sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from idsync.logs import scrub
+from idsync.settings import Settings
+from workers.destinations.base import (
+    CallSummary,
+    Intent,
+    LinkState,
+    Outcome,
+    OwnershipCheck,
+    UserState,
+    Verdict,
+)
+from workers.destinations.hubspot_api import (
+    BatchResult,
+    CallRecord,
+    HubSpotAuthError,
+    HubSpotBadRequest,
+    HubSpotClient,
+    HubSpotConflict,
+    HubSpotError,
+    HubSpotNotFound,
+    HubSpotRateLimited,
+    RateLimitInfo,
+)
+from workers.ratelimit import LimiterTimeout, RateLimiter
+from workers.retry import rate_limit_wait
+
+DEFAULT_PROPERTY_MAP = {
+    "email": "email",
+    "given_name": "firstname",
+    "family_name": "lastname",
+    "phone_number": "phone",
+}
+BATCH_LIMIT = 100
+# A worker waits this long at most for a request slot while it holds claims.
+LIMITER_WAIT_SECONDS = 20.0
+
+
+def load_property_map(path: str | None) -> dict[str, str]:
+    """The Auth0 field -> HubSpot property map: a JSON file, or the default."""
+    if not path:
+        return dict(DEFAULT_PROPERTY_MAP)
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"HUBSPOT_PROPERTY_MAP {path!r} is not a readable JSON file: {error}")
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise ValueError(
+            f'HUBSPOT_PROPERTY_MAP {path!r} must be a JSON object like {{"given_name": "firstname"}}'
+        )
+    return mapping
+
+
+def _field(profile: dict[str, Any], path: str) -> Any:
+    value: Any = profile
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def map_properties(profile: dict[str, Any], mapping: dict[str, str]) -> dict[str, str]:
+    """HubSpot properties for an Auth0 user: every mapped one, ``""`` when absent.
+
+    The email is lowercased and left out when the user has none, since clearing
+    HubSpot's unique key would orphan the contact.
+    """
+    properties = {prop: _text(_field(profile, field_)) for field_, prop in mapping.items()}
+    for field_, prop in mapping.items():
+        if field_ == "email":
+            email = properties.pop(prop).strip().lower()
+            if email:
+                properties[prop] = email
+    return properties
+
+
+def properties_hash(properties: dict[str, str]) -> str:
+    """A stable fingerprint of what was sent, to skip sending it twice."""
+    return hashlib.sha256(json.dumps(properties, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Write:
+    """One input of a batch call, and how to read its result."""
+
+    intent: Intent
+    target: str  # contact id (update, archive) or email (upsert)
+    properties: dict[str, str] = field(default_factory=dict)
+    adopted: bool = False  # found by email rather than linked
+    linked: bool = False  # the target is the link's own id (a 404 means: relink)
+
+
+@dataclass
+class _Plan:
+    updates: list[_Write] = field(default_factory=list)
+    upserts: list[_Write] = field(default_factory=list)
+    archives: list[_Write] = field(default_factory=list)
+    lookups: list[Intent] = field(default_factory=list)
+    relinks: list[Intent] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)  # contact ids and emails in this batch
+
+
+class HubSpotDestination:
+    """The HubSpot adapter: plans batch calls for intents and reads their answers."""
+
+    name = "hubspot"
+
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: RateLimiter,
+        *,
+        client: HubSpotClient | None = None,
+        on_rate_limit_info: Callable[[RateLimitInfo], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.mapping = load_property_map(settings.hubspot_property_map)
+        self.batch_size = settings.hubspot_batch_size
+        self._records: list[CallRecord] = []
+        self._on_rate_limit_info = on_rate_limit_info
+        self.client = client or HubSpotClient(
+            settings.hubspot_base_url,
+            settings.hubspot_token or "",
+            timeout=(3.05, settings.hubspot_timeout_seconds),
+            on_call=self._record,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _record(self, record: CallRecord, info: RateLimitInfo | None) -> None:
+        self._records.append(record)
+        if info is not None and self._on_rate_limit_info is not None:
+            self._on_rate_limit_info(info)
+        if info is not None and info.remaining == 0 and info.interval_ms:
+            # HubSpot says the window is spent (other apps may share it): everyone waits.
+            self.limiter.block_for(info.interval_ms / 1000)
+
+    # Planning
+
+    def desired_properties(self, user: UserState) -> dict[str, str]:
+        """The mapped properties, plus the deprovisioning mark in ``mark`` mode."""
+        properties = map_properties(user.profile, self.mapping)
+        if self.settings.deprovision == "mark":
+            properties[self.settings.deprovision_property] = "true" if user.deprovisioned else ""
+        return properties
+
+    def _contact_id(self, intent: Intent) -> str | None:
+        """The contact the link points at: a marked contact still belongs to its user."""
+        if self.settings.deprovision == "mark":
+            return intent.link.external_id
+        return intent.link.live_id
+
+    def _plan(self, intent: Intent, plan: _Plan, outcomes: dict[str, Outcome]) -> None:
+        user, link = intent.user, intent.link
+        contact_id = self._contact_id(intent)
+        archiving = user.deprovisioned and self.settings.deprovision == "archive"
+        if archiving:
+            if contact_id:
+                self._take(plan, plan.archives, _Write(intent, contact_id, linked=True), outcomes)
+            elif link.deprovisioned and link.external_id:
+                outcomes[intent.key] = self._success(intent, link.external_id, note="unchanged")
+            else:
+                plan.lookups.append(intent)
+            return
+        properties = self.desired_properties(intent.user)
+        if contact_id:
+            if properties_hash(properties) == link.properties_hash and not intent.force:
+                outcomes[intent.key] = self._success(intent, contact_id, note="unchanged")
+                return
+            write = _Write(intent, contact_id, properties, linked=True)
+            self._take(plan, plan.updates, write, outcomes)
+        elif not user.deprovisioned and not (user.email or user.previous_email):
+            outcomes[intent.key] = Outcome(Verdict.SKIPPED, reason="no_email")
+        else:
+            plan.lookups.append(intent)
+
+    def _take(
+        self, plan: _Plan, queue: list[_Write], write: _Write, outcomes: dict[str, Outcome]
+    ) -> None:
+        """Queue a write unless the batch already touches that contact or email."""
+        keys = {write.target, write.properties.get("email", "")} - {""}
+        if keys & plan.taken:
+            outcomes[write.intent.key] = Outcome(
+                Verdict.RETRY,
+                reason="busy_contact",
+                message="another user in this batch touches the same contact",
+                counts_against_budget=False,
+                retry_after=1.0,
+            )
+            return
+        plan.taken |= keys
+        queue.append(write)
+
+    def _resolve_lookups(
+        self, plan: _Plan, outcomes: dict[str, Outcome], owned_elsewhere: OwnershipCheck
+    ) -> None:
+        """Find unlinked users' contacts by email, then adopt, upsert or archive."""
+        emails = sorted({e for i in plan.lookups for e in self._emails(i) if e})
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(emails), BATCH_LIMIT):
+            chunk = emails[start : start + BATCH_LIMIT]
+            keys = [i.key for i in plan.lookups if set(self._emails(i)) & set(chunk)]
+            found |= self._call(keys, lambda c=chunk: self.client.batch_read_by_email(c))
+        for intent in plan.lookups:
+            match = next((found[e] for e in self._emails(intent) if e in found), None)
+            self._plan_found(intent, match, plan, outcomes, owned_elsewhere)
+
+    def _emails(self, intent: Intent) -> list[str]:
+        user = intent.user
+        ordered = [user.email, user.previous_email] if user.deprovisioned else [
+            user.previous_email, user.email]
+        return [email for email in ordered if email]
+
+    def _plan_found(
+        self,
+        intent: Intent,
+        contact: dict[str, Any] | None,
+        plan: _Plan,
+        outcomes: dict[str, Outcome],
+        owned_elsewhere: OwnershipCheck,
+    ) -> None:
+        user = intent.user
+        if contact is not None and owned_elsewhere(user.subject, [str(contact["id"])]):
+            outcomes[intent.key] = Outcome(
+                Verdict.FAILED,
+                reason="contact_owned",
+                message=f"contact {contact['id']} belongs to another user's link",
+            )
+            return
+        if contact is None:
+            if user.deprovisioned:
+                outcomes[intent.key] = Outcome(
+                    Verdict.SUCCEEDED, reason="not_found", deprovisioned=True
+                )
+            elif user.email is None:
+                outcomes[intent.key] = Outcome(Verdict.SKIPPED, reason="no_email")
+            else:
+                properties = self.desired_properties(user)
+                self._take(plan, plan.upserts, _Write(intent, user.email, properties), outcomes)
+            return
+        contact_id = str(contact["id"])
+        if user.deprovisioned and self.settings.deprovision == "archive":
+            self._take(plan, plan.archives, _Write(intent, contact_id, adopted=True), outcomes)
+            return
+        write = _Write(intent, contact_id, self.desired_properties(user), adopted=True)
+        self._take(plan, plan.updates, write, outcomes)
+
+    # Sending
+
+    def deliver(
+        self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck
+    ) -> dict[str, Outcome]:
+        """Bring each intent's user to its newest state in HubSpot."""
+        outcomes: dict[str, Outcome] = {}
+        calls: dict[str, list[CallSummary]] = {i.key: [] for i in intents}
+        self._calls = calls
+        pending = intents
+        for _pass in range(2):  # the second pass re-plans users whose contact was deleted
+            plan = _Plan()
+            for intent in pending:
+                self._plan(intent, plan, outcomes)
+            self._run(plan, outcomes, owned_elsewhere)
+            pending = [self._unlinked(intent) for intent in plan.relinks]
+            if not pending:
+                break
+        for intent in pending:
+            outcomes[intent.key] = Outcome(
+                Verdict.RETRY, reason="relink", message="linked contact vanished twice"
+            )
+        for key, outcome in outcomes.items():
+            outcome.calls = calls.get(key, [])
+        return outcomes
+
+    @staticmethod
+    def _unlinked(intent: Intent) -> Intent:
+        return Intent(key=intent.key, user=intent.user, link=LinkState(), force=intent.force)
+
+    def _run(self, plan: _Plan, outcomes: dict[str, Outcome], owned: OwnershipCheck) -> None:
+        try:
+            if plan.lookups:
+                self._resolve_lookups(plan, outcomes, owned)
+            self._send_updates(plan, plan.updates, outcomes)
+            self._send_upserts(plan.upserts, outcomes, owned)
+            self._send_archives(plan.archives, outcomes)
+        except _BatchAborted as aborted:
+            for intent in self._unfinished(plan, outcomes):
+                outcomes[intent.key] = aborted.outcome()
+            plan.relinks.clear()
+
+    def _unfinished(self, plan: _Plan, outcomes: dict[str, Outcome]) -> list[Intent]:
+        queued = [w.intent for w in plan.updates + plan.upserts + plan.archives]
+        return [i for i in plan.lookups + queued + plan.relinks if i.key not in outcomes]
+
+    def _send_updates(self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
+        def call(chunk: list[_Write]) -> BatchResult:
+            return self.client.batch_update(
+                [(w.intent.key, w.target, w.properties) for w in chunk]
+            )
+
+        for write, result in self._batches(writes, call, outcomes):
+            if isinstance(result, HubSpotNotFound) and write.linked:
+                plan.relinks.append(write.intent)
+            elif isinstance(result, HubSpotConflict):
+                outcomes[write.intent.key] = self._failure(result, "email_conflict")
+            elif isinstance(result, HubSpotNotFound):
+                outcomes[write.intent.key] = self._failure(result, "not_found")
+            elif isinstance(result, HubSpotError):
+                outcomes[write.intent.key] = self._error_outcome(result)
+            else:
+                contact_id = str(result["id"])
+                created = None if write.linked else False
+                outcomes[write.intent.key] = self._success(
+                    write.intent, contact_id, properties=write.properties, created=created
+                )
+
+    def _send_upserts(
+        self, writes: list[_Write], outcomes: dict[str, Outcome], owned: OwnershipCheck
+    ) -> None:
+        def call(chunk: list[_Write]) -> BatchResult:
+            return self.client.batch_upsert_by_email(
+                [(w.intent.key, w.target, w.properties) for w in chunk]
+            )
+
+        for write, result in self._batches(writes, call, outcomes):
+            if isinstance(result, HubSpotError):
+                outcomes[write.intent.key] = self._error_outcome(result)
+                continue
+            contact_id = str(result["id"])
+            if owned(write.intent.user.subject, [contact_id]):
+                outcomes[write.intent.key] = Outcome(
+                    Verdict.FAILED,
+                    reason="contact_owned",
+                    message=f"contact {contact_id} belongs to another user's link",
+                )
+                continue
+            outcomes[write.intent.key] = self._success(
+                write.intent,
+                contact_id,
+                properties=write.properties,
+                created=bool(result.get("new", False)),
+            )
+
+    def _send_archives(self, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
+        for start in range(0, len(writes), self.batch_size):
+            chunk = writes[start : start + self.batch_size]
+            self._call(
+                [w.intent.key for w in chunk],
+                lambda c=chunk: self.client.batch_archive([w.target for w in c]),
+            )
+            for write in chunk:
+                outcomes[write.intent.key] = self._success(
+                    write.intent, write.target, deprovisioned=True,
+                    created=None if write.linked else False,
+                )
+
+    def _batches(
+        self,
+        writes: list[_Write],
+        call: Callable[[list[_Write]], BatchResult],
+        outcomes: dict[str, Outcome],
+    ) -> Iterable[tuple[_Write, Any]]:
+        """Each write with its result or error, splitting whole-batch 400s in halves."""
+        for start in range(0, len(writes), self.batch_size):
+            yield from self._batch(writes[start : start + self.batch_size], call)
+
+    def _batch(
+        self, chunk: list[_Write], call: Callable[[list[_Write]], BatchResult]
+    ) -> Iterable[tuple[_Write, Any]]:
+        try:
+            result = self._call([w.intent.key for w in chunk], lambda: call(chunk))
+        except HubSpotBadRequest as error:
+            if error.missing_property or len(chunk) == 1:
+                if error.missing_property:
+                    raise _BatchAborted(error) from error
+                yield chunk[0], error
+                return
+            # One bad input fails a whole batch that HubSpot could not split itself.
+            middle = len(chunk) // 2
+            yield from self._batch(chunk[:middle], call)
+            yield from self._batch(chunk[middle:], call)
+            return
+        for write in chunk:
+            key = write.intent.key
+            if key in result.errors:
+                yield write, result.errors[key]
+            elif key in result.results:
+                yield write, result.results[key]
+            else:
+                yield write, HubSpotError("HubSpot returned no result for this input")
+
+    def _call(self, keys: list[str], send: Callable[[], Any]) -> Any:
+        """Send one request under the shared rate limit, recording it for ``keys``."""
+        try:
+            self.limiter.acquire(LIMITER_WAIT_SECONDS)
+        except LimiterTimeout as error:
+            raise _BatchAborted(error) from error
+        self._records.clear()
+        try:
+            return send()
+        except HubSpotRateLimited as error:
+            wait = self._rate_limit_wait(error)
+            self.limiter.block_for(wait)
+            raise _BatchAborted(error, wait) from error
+        except (HubSpotAuthError, HubSpotBadRequest) as error:
+            if isinstance(error, HubSpotBadRequest) and not error.missing_property:
+                raise
+            raise _BatchAborted(error) from error
+        except (HubSpotNotFound, HubSpotConflict):
+            raise
+        except HubSpotError as error:  # transport, 5xx, 423
+            raise _BatchAborted(error) from error
+        finally:
+            for record in self._records:
+                summary = _summary(record)
+                for key in keys:
+                    self._calls.setdefault(key, []).append(summary)
+
+    def _rate_limit_wait(self, error: HubSpotRateLimited) -> float:
+        return rate_limit_wait(
+            error.policy_name,
+            error.retry_after,
+            now=datetime.now(UTC),
+            timezone=self.settings.hubspot_timezone,
+        )
+
+    # Outcomes
+
+    def _success(
+        self,
+        intent: Intent,
+        contact_id: str,
+        *,
+        note: str | None = None,
+        properties: dict[str, str] | None = None,
+        created: bool | None = None,
+        deprovisioned: bool | None = None,
+    ) -> Outcome:
+        return Outcome(
+            Verdict.SUCCEEDED,
+            reason=note,
+            external_id=contact_id,
+            created=created,
+            properties_hash=properties_hash(properties) if properties else intent.link.properties_hash,
+            email=(properties or {}).get("email") or intent.user.email or intent.link.last_email,
+            deprovisioned=intent.user.deprovisioned if deprovisioned is None else deprovisioned,
+        )
+
+    @staticmethod
+    def _failure(error: HubSpotError, reason: str) -> Outcome:
+        return Outcome(
+            Verdict.FAILED,
+            reason=reason,
+            message=_message(error),
+            status_code=error.status,
+        )
+
+    def _error_outcome(self, error: HubSpotError) -> Outcome:
+        if isinstance(error, HubSpotBadRequest):
+            return self._failure(error, "rejected")
+        if isinstance(error, HubSpotConflict):
+            return self._failure(error, "email_conflict")
+        return _BatchAborted(error).outcome()
+
+    def probe(self) -> str | None:
+        """Whether HubSpot accepts the token; None when it does."""
+        if not self.settings.hubspot_token:
+            return "HUBSPOT_TOKEN is not set"
+        try:
+            self.limiter.acquire(LIMITER_WAIT_SECONDS)
+            self.client.get_contact_by_email("idsync-probe@example.invalid")
+        except (HubSpotAuthError, HubSpotBadRequest) as error:
+            return _message(error)
+        except (HubSpotError, LimiterTimeout) as error:
+            return f"unreachable: {error}"
+        return None
+
+
+class _BatchAborted(Exception):
+    """A whole call failed: every unfinished intent of the batch shares its fate."""
+
+    def __init__(self, error: Exception, wait: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.wait = wait
+
+    def outcome(self) -> Outcome:
+        error = self.error
+        if isinstance(error, LimiterTimeout):
+            return Outcome(
+                Verdict.RETRY, reason="limiter_busy", message=str(error),
+                counts_against_budget=False, retry_after=5.0,
+            )
+        assert isinstance(error, HubSpotError)
+        if isinstance(error, HubSpotRateLimited):
+            return Outcome(
+                Verdict.RETRY, reason=f"rate_limited:{error.policy_name or 'unknown'}",
+                message=_message(error), status_code=error.status,
+                counts_against_budget=False, retry_after=self.wait,
+            )
+        if isinstance(error, HubSpotAuthError) or (
+            isinstance(error, HubSpotBadRequest) and error.missing_property
+        ):
+            return Outcome(Verdict.PAUSE, reason="misconfigured", message=_message(error),
+                           status_code=error.status)
+        category = "timeout_or_connection" if error.status is None else "server_error"
+        return Outcome(Verdict.RETRY, reason=category, message=_message(error),
+                       status_code=error.status)
+
+
+def _message(error: Exception) -> str:
+    """HubSpot's message and correlation id, masked for storage."""
+    text = getattr(error, "message", None) or str(error)
+    correlation = getattr(error, "correlation_id", None)
+    if correlation:
+        text = f"{text} (correlationId {correlation})"
+    return scrub(text)[:1000]
+
+
+def _summary(record: CallRecord) -> CallSummary:
+    return CallSummary(
+        request=f"{record.method} {record.path}"[:255],
+        status=record.status,
+        duration_ms=record.duration_ms,
+        error_category=record.error_category,
+        response_excerpt=scrub(record.response_excerpt) if record.response_excerpt else None,
+    )
+

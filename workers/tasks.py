@@ -1,0 +1,78 @@
+"""Celery tasks. They are thin: they take names or ids and call plain functions."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import structlog
+
+from ingest.publish import DELIVER_TASK, wakeup_key
+from models.db import transaction
+from models.outbox import has_due_work
+from workers import app
+from workers.config import TASK_TIME_BUDGET_SECONDS
+from workers.delivery import is_paused, run_batch
+from workers.maintenance import probe_paused, purge_finished
+from workers.runtime import runtime
+
+log = logging.getLogger(__name__)
+
+
+def wake(destination: str) -> None:
+    """Publish a deliver task unless a wake-up for ``destination`` is pending."""
+    rt = runtime()
+    key = wakeup_key(rt.settings, destination)
+    ttl = int(rt.settings.wakeup_token_seconds * 1000)
+    if rt.redis is not None and not rt.redis.set(key, "1", nx=True, px=ttl):
+        return
+    deliver.delay(destination)
+
+
+@app.task(name=DELIVER_TASK, bind=True, acks_late=True, ignore_result=True)
+def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
+    """Deliver due work of ``destination`` in batches, for a bounded time."""
+    rt = runtime()
+    if rt.redis is not None:
+        # From now on a new event may publish the next wake-up.
+        rt.redis.delete(wakeup_key(rt.settings, destination))
+    structlog.contextvars.bind_contextvars(task_id=self.request.id, destination=destination)
+    adapter = rt.destination(destination)
+    deadline = time.monotonic() + TASK_TIME_BUDGET_SECONDS
+    handled = 0
+    try:
+        while time.monotonic() < deadline:
+            report = run_batch(
+                sessions=rt.sessions, settings=rt.settings, destination=adapter, rng=rt.rng
+            )
+            if report.claimed == 0:
+                return handled
+            handled += report.claimed
+            log.info("batch delivered", extra={"claimed": report.claimed,
+                                               "outcomes": report.outcomes})
+        wake(destination)  # more work remains: hand over to a fresh message
+        return handled
+    finally:
+        structlog.contextvars.unbind_contextvars("task_id", "destination")
+
+
+@app.task(name="idsync.sweep", ignore_result=True)
+def sweep() -> None:
+    """Re-publish due or orphaned work, and probe paused destinations."""
+    rt = runtime()
+    for destination in rt.settings.destinations:
+        probe_paused(rt, destination)
+        with transaction(rt.sessions) as session:
+            due = not is_paused(session, rt.settings, destination) and has_due_work(
+                session=session, destination=destination
+            )
+        if due:
+            wake(destination)
+
+
+@app.task(name="idsync.purge", ignore_result=True)
+def purge() -> None:
+    """Daily retention: drop old payloads and, later, old finished rows."""
+    rt = runtime()
+    with transaction(rt.sessions) as session:
+        purge_finished(session=session, settings=rt.settings)
