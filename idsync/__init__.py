@@ -1,0 +1,1 @@
+"""idsync: keep business systems in step with a company's identity provider."""

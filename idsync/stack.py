@@ -112,7 +112,7 @@ class Stack:
         """Wait until ``url`` answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             try:
                 if requests.get(url, timeout=1).status_code == 200:
                     return
@@ -125,13 +125,13 @@ class Stack:
         """Wait until child ``name`` has written ``text`` to its log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             if text in self.log(name):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{name} did not log {text!r} within {timeout}s:\n{self.log(name)[-2000:]}")
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         for child in self.children.values():
             code = child.process.poll()
             if code is not None:
