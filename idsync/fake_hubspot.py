@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import itertools
 import json
 import re
 import signal
@@ -34,18 +35,30 @@ CONTACTS = "/crm/v3/objects/contacts"
 BATCH_LIMIT = 100
 FIRST_ID = 101
 DEFAULT_PROPERTIES = frozenset(
-    {
-        "email", "firstname", "lastname", "phone", "company", "jobtitle", "lifecyclestage",
-        "idsync_deprovisioned", "idsync_user_id", "hs_object_id",
-    }
-)  # fmt: skip
+    [
+        "email",
+        "firstname",
+        "lastname",
+        "phone",
+        "company",
+        "jobtitle",
+        "lifecyclestage",
+        "idsync_deprovisioned",
+        "idsync_user_id",
+        "hs_object_id",
+    ]
+)
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NO_CREDENTIALS = "Authentication credentials not found."
 _NON_UNIQUE = "Unable to perform update/upsert by non-unique 0-1 property"
 _FAULT_CATEGORIES = {
-    400: "VALIDATION_ERROR", 401: "INVALID_AUTHENTICATION", 403: "MISSING_SCOPES",
-    404: "OBJECT_NOT_FOUND", 423: "LOCKED", 429: "RATE_LIMITS",
-}  # fmt: skip
+    400: "VALIDATION_ERROR",
+    401: "INVALID_AUTHENTICATION",
+    403: "MISSING_SCOPES",
+    404: "OBJECT_NOT_FOUND",
+    423: "LOCKED",
+    429: "RATE_LIMITS",
+}
 
 
 class ApiError(Exception):
@@ -393,6 +406,7 @@ class FakeHubSpot:
 
     @property
     def url(self) -> str:
+        """Base URL to give a client, e.g. ``http://127.0.0.1:PORT``."""
         if self._server is None:
             raise RuntimeError("the fake HubSpot is not running; call start() first")
         return f"http://127.0.0.1:{self._server.server_port}"
@@ -421,12 +435,14 @@ class FakeHubSpot:
             self._stats: dict[str, Counter[str]] = defaultdict(Counter)
 
     def set_token(self, token: str) -> None:
+        """Accept only ``token`` from now on (a rotated or revoked private app token)."""
         with self._lock:
             self._token = token
 
     def set_rate_limit(
         self, limit: int, window_seconds: float, daily_limit: int | None = None
     ) -> None:
+        """``limit`` requests per rolling ``window_seconds``; the current window starts empty."""
         with self._lock:
             self._rate_limit, self._window_seconds = limit, window_seconds
             self._daily_limit = self._daily_limit if daily_limit is None else daily_limit
@@ -464,6 +480,7 @@ class FakeHubSpot:
     # Observation
 
     def contacts(self, include_archived: bool = False) -> list[dict[str, Any]]:
+        """Every live contact (also archived and merged-away ones if asked), oldest first."""
         with self._lock:
             return [
                 contact.to_json() | {"mergedInto": contact.merged_into}
@@ -472,21 +489,31 @@ class FakeHubSpot:
             ]
 
     def contact_by_email(self, email: str) -> dict[str, Any] | None:
+        """The live contact that owns ``email``, or None."""
         with self._lock:
             contact_id = self._store.owners.get(email.lower())
             return self._store.contacts[contact_id].to_json() if contact_id else None
 
     @property
     def requests_log(self) -> list[RequestRecord]:
+        """Every API request answered so far, in the order they finished."""
         with self._lock:
             return list(self._log)
 
     def overlaps(self) -> list[tuple[RequestRecord, RequestRecord]]:
         """Pairs of requests that touched one contact at the same time (should be none)."""
-        log = self.requests_log
-        return [(a, b) for i, a in enumerate(log) for b in log[i + 1 :] if a.overlaps(b)]
+        log = sorted(self.requests_log, key=lambda record: record.started)
+        pairs = []
+        for index, first in enumerate(log):
+            for second in itertools.islice(log, index + 1, None):
+                if second.started >= first.finished:
+                    break  # sorted by start: no later request overlaps ``first`` either
+                if first.overlaps(second):
+                    pairs.append((first, second))
+        return pairs
 
     def stats(self) -> dict[str, Any]:
+        """Answers by route and status, their total, and how many were 429."""
         with self._lock:
             by_route = {route: dict(statuses) for route, statuses in self._stats.items()}
             return {
@@ -501,7 +528,8 @@ class FakeHubSpot:
         if kind not in ("fail", "rate_limit", "slow"):
             raise _invalid(f"Unknown fault kind {kind!r}: use fail, rate_limit or slow")
         with self._lock:
-            self._faults[kind].append(fault)
+            if fault.remaining > 0:
+                self._faults[kind].append(fault)
 
     def _take_fault(self, kind: str) -> _Fault | None:
         queue = self._faults[kind]
@@ -589,10 +617,15 @@ class FakeHubSpot:
             self._stats[route][str(response.status_code)] += 1
             self._log.append(
                 RequestRecord(
-                    request.method, request.path, response.status_code, g.started, finished,
-                    frozenset(g.touched_ids), frozenset(g.touched_emails),
+                    method=request.method,
+                    path=request.path,
+                    status=response.status_code,
+                    started=g.started,
+                    finished=finished,
+                    contact_ids=frozenset(g.touched_ids),
+                    emails=frozenset(g.touched_emails),
                 )
-            )  # fmt: skip
+            )
         return response
 
     # HubSpot routes

@@ -101,3 +101,46 @@ def sessions(database_url: str, db: None):  # type: ignore[no-untyped-def]
     engine = make_engine(database_url)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def e2e_hubspot():  # type: ignore[no-untyped-def]
+    """One fake HubSpot for the session's process stack (reset before each test)."""
+    from idsync.fake_hubspot import FakeHubSpot
+
+    with FakeHubSpot(token="fake-token", rate_limit=10_000, window_seconds=10) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def e2e_stack(database_url, redis_prefix, e2e_hubspot, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """ingest (gunicorn), two Celery workers and beat, started once per session."""
+    from tests.processes import ServiceStack, stack_env
+
+    engine = make_engine(database_url)
+    stack = ServiceStack(
+        env=stack_env(database_url, REDIS_URL, redis_prefix, e2e_hubspot),
+        workdir=tmp_path_factory.mktemp("e2e"),
+        hubspot=e2e_hubspot,
+        sessions=make_session_factory(engine),
+    )
+    try:
+        stack.start_ingest()
+        stack.start_worker("worker1")
+        stack.start_worker("worker2")
+        stack.start_beat()
+        yield stack
+    finally:
+        stack.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def e2e(e2e_stack, e2e_hubspot, db, redis_prefix):  # type: ignore[no-untyped-def]
+    """The session's process stack, with an empty outbox and a fresh fake HubSpot."""
+    from tests.processes import flush_prefix
+
+    e2e_hubspot.reset()
+    yield e2e_stack
+    e2e_hubspot.reset()
+    flush_prefix(REDIS_URL, redis_prefix, keep=(f"{redis_prefix}:celery:",))

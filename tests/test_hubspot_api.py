@@ -272,7 +272,8 @@ def test_the_token_never_shows(client: HubSpotClient, fake: FakeHubSpot, calls: 
         repr(client),
         *map(repr, calls),
         *map(str, errors),
-        *(repr(e.__dict__) for e in errors),
+        *map(repr, errors),
+        *(repr(error.__dict__) for error in errors),
     ]
     assert calls and all(TOKEN not in text for text in texts)
 

@@ -65,6 +65,8 @@ class CallRecord:
 
 
 OnCall = Callable[[CallRecord, RateLimitInfo | None], None]
+Contact = dict[str, Any]  # {"id": ..., "properties": {...}, ...} as HubSpot sends it
+BatchInput = tuple[str, str, dict[str, str]]  # (trace id, email or contact id, properties)
 
 
 class HubSpotError(Exception):
@@ -149,7 +151,7 @@ class HubSpotConflict(HubSpotError):
 class BatchResult:
     """The outcome of a batch write, per input trace id."""
 
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, Contact] = field(default_factory=dict)
     errors: dict[str, HubSpotError] = field(default_factory=dict)
 
 
@@ -193,24 +195,22 @@ class HubSpotClient:
 
     def get_contact_by_email(
         self, email: str, properties: list[str] | None = None
-    ) -> dict[str, Any] | None:
+    ) -> Contact | None:
         """The contact with this email, or None."""
         params = {"idProperty": "email"} | _properties_param(properties)
         path, shown = f"{CONTACTS}/{quote(email, safe='')}", f"{CONTACTS}/{mask_email(email)}"
         return self._get_or_none(path, params, shown)
 
-    def get_contact(
-        self, contact_id: str, properties: list[str] | None = None
-    ) -> dict[str, Any] | None:
+    def get_contact(self, contact_id: str, properties: list[str] | None = None) -> Contact | None:
         """The contact with this id (merged ids answer with the surviving contact), or None."""
         path = f"{CONTACTS}/{quote(contact_id, safe='')}"
         return self._get_or_none(path, _properties_param(properties), path)
 
-    def create_contact(self, properties: dict[str, str]) -> dict[str, Any]:
+    def create_contact(self, properties: dict[str, str]) -> Contact:
         """Create a contact; a taken email raises HubSpotConflict naming the existing id."""
         return _json(self._call("POST", CONTACTS, body={"properties": properties}))
 
-    def update_contact(self, contact_id: str, properties: dict[str, str]) -> dict[str, Any]:
+    def update_contact(self, contact_id: str, properties: dict[str, str]) -> Contact:
         """Update a contact by id; ``""`` clears a property."""
         path = f"{CONTACTS}/{quote(contact_id, safe='')}"
         return _json(self._call("PATCH", path, body={"properties": properties}))
@@ -221,7 +221,7 @@ class HubSpotClient:
 
     def batch_read_by_email(
         self, emails: list[str], properties: list[str] | None = None
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Contact]:
         """Lowercased email -> contact for the emails that exist; missing ones are absent."""
         wanted = list(dict.fromkeys(email.lower() for email in emails))
         _check_batch_size(wanted)
@@ -240,7 +240,7 @@ class HubSpotClient:
                 contacts[email.lower()] = contact
         return contacts
 
-    def batch_upsert_by_email(self, inputs: list[tuple[str, str, dict[str, str]]]) -> BatchResult:
+    def batch_upsert_by_email(self, inputs: list[BatchInput]) -> BatchResult:
         """Create or update contacts keyed by email; inputs are (trace id, email, properties)."""
         _check_batch(inputs)
         if not inputs:
@@ -258,7 +258,7 @@ class HubSpotClient:
         traces = {email.lower(): trace_id for trace_id, email, _ in inputs}
         return _batch_result(_json(response), traces, _result_email, self._redact)
 
-    def batch_update(self, inputs: list[tuple[str, str, dict[str, str]]]) -> BatchResult:
+    def batch_update(self, inputs: list[BatchInput]) -> BatchResult:
         """Update contacts by id; inputs are (trace id, contact id, properties)."""
         _check_batch(inputs)
         if not inputs:
@@ -280,9 +280,7 @@ class HubSpotClient:
             body = {"inputs": [{"id": contact_id} for contact_id in contact_ids]}
             self._call("POST", f"{CONTACTS}/batch/archive", body=body)
 
-    def _get_or_none(
-        self, path: str, params: dict[str, str], shown_path: str
-    ) -> dict[str, Any] | None:
+    def _get_or_none(self, path: str, params: dict[str, str], shown_path: str) -> Contact | None:
         try:
             return _json(self._call("GET", path, params=params, shown_path=shown_path))
         except HubSpotNotFound:
@@ -454,7 +452,7 @@ def _result_id(result: dict[str, Any]) -> str | None:
     return result.get("id")
 
 
-def _check_batch(inputs: list[tuple[str, str, dict[str, str]]]) -> None:
+def _check_batch(inputs: list[BatchInput]) -> None:
     _check_batch_size(inputs)
     trace_ids = [trace_id for trace_id, _, _ in inputs]
     if len(set(trace_ids)) != len(trace_ids):
