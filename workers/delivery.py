@@ -304,8 +304,10 @@ def _retry(
     assert plan.newest is not None
     newest = plan.newest
     delays = settings.retry_delays
-    attempts = newest.attempts + (1 if outcome.counts_against_budget else 0)
-    if outcome.counts_against_budget and budget_spent(attempts, delays):
+    # A pause is the destination's fault, not the delivery's: it spends no budget.
+    counted = outcome.counts_against_budget and outcome.verdict is not Verdict.PAUSE
+    attempts = newest.attempts + (1 if counted else 0)
+    if counted and budget_spent(attempts, delays):
         exhausted = Outcome(
             Verdict.FAILED, reason="retries_exhausted",
             message=f"{outcome.reason}: {outcome.message}", status_code=outcome.status_code,
