@@ -36,7 +36,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging("ingest")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes
-    app.config["JSON_SORT_KEYS"] = False
     engine = make_engine(settings.database_url)
     app.extensions["idsync"] = IngestState(
         settings=settings,

@@ -20,7 +20,8 @@ NAMING_CONVENTION = {
 
 # SQLite only auto-increments INTEGER PRIMARY KEY, so big ids fall back to it there.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+# none_as_null: a purged payload is SQL NULL, not the JSON value null.
+JsonDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -306,6 +306,7 @@ def finish_delivery(
             lease_expires_at=None,
             updated_at=now,
             finished_at=now if finished else None,
+            **({"force": False} if finished else {}),
             **values,
         )
         .execution_options(synchronize_session=False)
@@ -362,6 +363,8 @@ def set_paused(
     if state is None:
         state = DestinationState(name=name)
         session.add(state)
+    if by == "auto" and state.paused and state.paused_by == "operator":
+        return  # an operator's pause is only lifted by an operator
     state.paused = paused
     state.paused_reason = reason if paused else None
     state.paused_by = by if paused else None

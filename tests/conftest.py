@@ -16,16 +16,29 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 
 from idsync.settings import Settings
 from models.db import make_engine, make_session_factory
+from tests.pipeline import hubspot, pipeline  # noqa: F401 - shared fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "auth0"  # real Auth0 payloads; see their README
 
 PG_ADMIN_URL = os.environ.get("IDSYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("IDSYNC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# The machine is shared and noisy: slow generation is not a bug. Examples that use a
+# function-scoped fixture reset it themselves (Pipeline.reset, e2e reset).
+hypothesis_settings.register_profile(
+    "dev",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+hypothesis_settings.register_profile("ci", parent=hypothesis_settings.get_profile("dev"),
+                                     derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
 TABLES = ("delivery_attempts", "deliveries", "events", "links", "quarantine", "destination_states")
 
 

@@ -7,80 +7,15 @@ for HubSpot" is checked without process start-up costs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 from sqlalchemy import select
 
-from idsync.fake_hubspot import FakeHubSpot
-from idsync.settings import Settings
-from ingest import create_app
-from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, Link
+from models.tables import Delivery, DeliveryAttempt
 from tests.events import auth0_event
+from tests.pipeline import Pipeline
 from workers.delivery import run_batch
-from workers.destinations.hubspot import HubSpotDestination
-from workers.ratelimit import LocalRateLimiter
 
-
-@pytest.fixture
-def hubspot() -> Iterator[FakeHubSpot]:
-    with FakeHubSpot(token="fake-token") as fake:
-        yield fake
-
-
-class Pipeline:
-    """Post events to ingest, drain the outbox into the fake, read the results."""
-
-    def __init__(self, settings: Settings, sessions: Any, hubspot: FakeHubSpot) -> None:
-        self.settings = settings.model_copy(update={"hubspot_base_url": hubspot.url})
-        self.sessions = sessions
-        self.hubspot = hubspot
-        self.app = create_app(self.settings)
-        self.client = self.app.test_client()
-        self.destination = HubSpotDestination(
-            self.settings, LocalRateLimiter(limit=1000, window=1)
-        )
-
-    def post(self, document: dict[str, Any]) -> Any:
-        return self.client.post(
-            "/events/auth0",
-            json=document,
-            headers={"Authorization": "Bearer test-ingest-token"},
-        )
-
-    def drain(self, rounds: int = 20) -> None:
-        """Run batches until nothing is claimable (retries are due at once here)."""
-        for _ in range(rounds):
-            report = run_batch(
-                sessions=self.sessions, settings=self.settings, destination=self.destination
-            )
-            if report.claimed == 0 and not self.pending():
-                return
-        raise AssertionError(f"outbox not drained: {self.deliveries()}")
-
-    def pending(self) -> int:
-        with self.sessions() as session:
-            return len(session.scalars(select(Delivery).where(
-                Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS])
-            )).all())
-
-    def deliveries(self) -> list[tuple[str, str | None]]:
-        with self.sessions() as session:
-            rows = session.scalars(select(Delivery).order_by(Delivery.id)).all()
-            return [(row.status.value, row.reason) for row in rows]
-
-    def link(self, subject: str) -> Link:
-        with self.sessions() as session:
-            return session.scalars(select(Link).where(Link.subject == subject)).one()
-
-
-@pytest.fixture
-def pipeline(settings: Settings, sessions: Any, hubspot: FakeHubSpot) -> Iterator[Pipeline]:
-    pipe = Pipeline(settings.model_copy(update={"retry_schedule": ("0s",) * 4}), sessions, hubspot)
-    yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+__all__ = ["Pipeline"]
 
 
 def test_created_user_becomes_a_contact_with_mapped_properties(pipeline: Pipeline) -> None:

@@ -99,15 +99,12 @@ def _text(value: Any) -> str:
 def map_properties(profile: dict[str, Any], mapping: dict[str, str]) -> dict[str, str]:
     """HubSpot properties for an Auth0 user: every mapped one, ``""`` when absent.
 
-    The email is lowercased and left out when the user has none, since clearing
-    HubSpot's unique key would orphan the contact.
+    The email is lowercased (HubSpot compares it so) and must be text to count.
     """
     properties = {prop: _text(_field(profile, field_)) for field_, prop in mapping.items()}
-    for field_, prop in mapping.items():
-        if field_ == "email":
-            email = properties.pop(prop).strip().lower()
-            if email:
-                properties[prop] = email
+    if "email" in mapping:
+        value = profile.get("email")
+        properties[mapping["email"]] = value.strip().lower() if isinstance(value, str) else ""
     return properties
 
 
@@ -177,10 +174,16 @@ class HubSpotDestination:
     # Planning
 
     def desired_properties(self, user: UserState) -> dict[str, str]:
-        """The mapped properties, plus the deprovisioning mark in ``mark`` mode."""
+        """The mapped properties, plus the deprovisioning mark in ``mark`` mode.
+
+        Marking a user sets the mark alone: a delete often carries no profile at
+        all, and an empty snapshot must not wipe the contact it marks.
+        """
+        if self.settings.deprovision == "mark" and user.deprovisioned:
+            return {self.settings.deprovision_property: "true"}
         properties = map_properties(user.profile, self.mapping)
         if self.settings.deprovision == "mark":
-            properties[self.settings.deprovision_property] = "true" if user.deprovisioned else ""
+            properties[self.settings.deprovision_property] = ""
         return properties
 
     def _contact_id(self, intent: Intent) -> str | None:
@@ -239,7 +242,10 @@ class HubSpotDestination:
         for start in range(0, len(emails), BATCH_LIMIT):
             chunk = emails[start : start + BATCH_LIMIT]
             keys = [i.key for i in plan.lookups if set(self._emails(i)) & set(chunk)]
-            found |= self._call(keys, lambda c=chunk: self.client.batch_read_by_email(c))
+            try:
+                found |= self._call(keys, lambda c=chunk: self.client.batch_read_by_email(c))
+            except (HubSpotBadRequest, HubSpotNotFound, HubSpotConflict) as error:
+                raise _BatchAborted(error) from error
         for intent in plan.lookups:
             match = next((found[e] for e in self._emails(intent) if e in found), None)
             self._plan_found(intent, match, plan, outcomes, owned_elsewhere)
@@ -540,6 +546,9 @@ class _BatchAborted(Exception):
             isinstance(error, HubSpotBadRequest) and error.missing_property
         ):
             return Outcome(Verdict.PAUSE, reason="misconfigured", message=_message(error),
+                           status_code=error.status, counts_against_budget=False)
+        if isinstance(error, HubSpotBadRequest | HubSpotNotFound | HubSpotConflict):
+            return Outcome(Verdict.FAILED, reason="rejected", message=_message(error),
                            status_code=error.status)
         category = "timeout_or_connection" if error.status is None else "server_error"
         return Outcome(Verdict.RETRY, reason=category, message=_message(error),

@@ -1,0 +1,176 @@
+"""The admin JSON API: find failed deliveries, read their cause, replay them.
+
+Registered only when ``ADMIN_TOKEN`` is set, and meant for an internal network.
+Every request needs ``Authorization: Bearer $ADMIN_TOKEN``. Answers mask emails
+and never contain credentials. The HTML admin page is a separate blueprint, so
+only the JSON routes below belong here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest.auth import presented_secret, secret_matches
+from models.db import transaction
+from models.operations import (
+    DeliveryFilter,
+    ReplayResult,
+    counts_by_status,
+    delivery_detail,
+    delivery_view,
+    destination_states,
+    destination_view,
+    detail_view,
+    list_deliveries,
+    pause_destination,
+    replay,
+    replay_view,
+    resume_destination,
+)
+from models.tables import FINISHED
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("admin", __name__)
+
+
+def _error(code: int, message: str) -> tuple[Response, int]:
+    return jsonify(status="error", error=message), code
+
+
+def _state() -> Any:
+    return current_app.extensions["idsync"]
+
+
+@blueprint.before_request
+def _authenticate() -> tuple[Response, int] | None:
+    """Every admin route needs the admin token as a bearer token."""
+    token = _state().settings.admin_token
+    presented = presented_secret(request.headers.get("Authorization"))
+    if token and secret_matches(presented, [token]):
+        return None
+    response, code = _error(401, "missing or invalid admin token (Authorization: Bearer ...)")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="idsync-admin"'
+    return response, code
+
+
+@blueprint.errorhandler(SQLAlchemyError)
+def _database_error(error: SQLAlchemyError) -> tuple[Response, int]:
+    log.error("admin request failed: database unavailable (%s)", type(error).__name__)
+    return _error(503, "the outbox database is unavailable; retry later")
+
+
+def _wake(destinations: tuple[str, ...]) -> None:
+    """Tell the workers that work waits (best effort: the sweep is the backstop)."""
+    for destination in destinations:
+        _state().waker.wake(destination)
+
+
+@blueprint.get("/admin/deliveries")
+def list_route() -> tuple[Response, int]:
+    """Deliveries newest first, filtered by the query string, with counts by status."""
+    try:
+        item = DeliveryFilter.from_params(request.args.to_dict())
+    except ValueError as error:
+        return _error(400, str(error))
+    with transaction(_state().sessions) as session:
+        rows, next_cursor = list_deliveries(session=session, filter=item)
+        body = {
+            "deliveries": [delivery_view(row) for row in rows],
+            "next_cursor": next_cursor,
+            "counts": counts_by_status(session=session),
+        }
+    return jsonify(body), 200
+
+
+@blueprint.get("/admin/deliveries/<int:delivery_id>")
+def detail_route(delivery_id: int) -> tuple[Response, int]:
+    """One delivery with its event (masked) and every attempt."""
+    with transaction(_state().sessions) as session:
+        detail = delivery_detail(session=session, delivery_id=delivery_id)
+        if detail is None:
+            return _error(404, f"no delivery with id {delivery_id}")
+        body = detail_view(detail)
+    return jsonify(body), 200
+
+
+@blueprint.post("/admin/deliveries/<int:delivery_id>/replay")
+def replay_one_route(delivery_id: int) -> tuple[Response, int]:
+    """Put one finished delivery back to pending with a fresh attempt budget."""
+    with transaction(_state().sessions) as session:
+        detail = delivery_detail(session=session, delivery_id=delivery_id)
+        if detail is None:
+            return _error(404, f"no delivery with id {delivery_id}")
+        if detail.delivery.status not in FINISHED:
+            return _error(
+                409, f"delivery {delivery_id} is {detail.delivery.status.value}: still on its way"
+            )
+        if detail.event.payload is None:
+            return _error(
+                409, f"the event of delivery {delivery_id} was purged; nothing left to send"
+            )
+        result = replay(session=session, delivery_ids=[delivery_id])
+    _wake(result.destinations)
+    return jsonify(replay_view(result, dry_run=False)), 200
+
+
+@blueprint.post("/admin/replay")
+def replay_bulk_route() -> tuple[Response, int]:
+    """Replay every delivery the JSON body's filters match (``dry_run``: only count)."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, 'send a JSON object of filters, e.g. {"status": "failed"}')
+    dry_run = body.pop("dry_run", False)
+    if not isinstance(dry_run, bool):
+        return _error(400, "dry_run must be true or false")
+    try:
+        item = DeliveryFilter.from_params(body)
+        with transaction(_state().sessions) as session:
+            result: ReplayResult = replay(session=session, filter=item, dry_run=dry_run)
+    except ValueError as error:
+        return _error(400, str(error))
+    if not dry_run:
+        log.warning("operator replayed %d deliveries", result.replayed)
+        _wake(result.destinations)
+    return jsonify(replay_view(result, dry_run=dry_run)), 200
+
+
+def _known_destination(name: str) -> tuple[Response, int] | None:
+    known = _state().settings.destinations
+    if name in known:
+        return None
+    return _error(404, f"unknown destination {name!r}; configured: {', '.join(known)}")
+
+
+@blueprint.post("/admin/destinations/<name>/pause")
+def pause_route(name: str) -> tuple[Response, int]:
+    """Pause a destination by hand (body: optional ``{"reason": "..."}``)."""
+    unknown = _known_destination(name)
+    if unknown:
+        return unknown
+    body = request.get_json(silent=True) or {}
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if reason is not None and not isinstance(reason, str):
+        return _error(400, "reason must be text")
+    with transaction(_state().sessions) as session:
+        pause_destination(session=session, name=name, reason=reason)
+        view = destination_view(name, destination_states(session=session).get(name))
+    log.warning("destination %s paused by an operator", name)
+    return jsonify(view), 200
+
+
+@blueprint.post("/admin/destinations/<name>/resume")
+def resume_route(name: str) -> tuple[Response, int]:
+    """Resume a paused destination and wake its workers."""
+    unknown = _known_destination(name)
+    if unknown:
+        return unknown
+    with transaction(_state().sessions) as session:
+        resume_destination(session=session, name=name)
+        view = destination_view(name, destination_states(session=session).get(name))
+    log.warning("destination %s resumed by an operator", name)
+    _wake((name,))
+    return jsonify(view), 200
