@@ -37,6 +37,8 @@ from models.db import make_engine, make_session_factory
 from models.tables import FINISHED, Delivery, Event
 
 console = Console()
+# The local simulator's own token: it guards nothing but the demo's fake HubSpot.
+DEMO_HUBSPOT_TOKEN = "demo-hubspot-token"  # noqa: S105
 
 
 def start_services(stack: Stack, port: int, *, worker_concurrency: int = 1) -> None:
@@ -89,42 +91,85 @@ def _sample_events(now: float) -> list[list[tuple[str, dict[str, Any]]]]:
     def event(kind: str, user: str, seconds: int, **fields: Any) -> dict[str, Any]:
         moment = (base + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
         previous = fields.pop("previous_email", None)
-        user_object = {"user_id": user, "created_at": moment, "updated_at": moment,
-                       "identities": [{"provider": "auth0", "user_id": user}], **fields}
+        user_object = {
+            "user_id": user,
+            "created_at": moment,
+            "updated_at": moment,
+            "identities": [{"provider": "auth0", "user_id": user}],
+            **fields,
+        }
         data: dict[str, Any] = {"object": user_object}
         if previous:
             data["previous_object"] = {**user_object, "email": previous}
-        return {"specversion": "1.0", "type": kind, "id": f"evt_demo_{user[-3:]}_{seconds}",
-                "source": "urn:auth0:demo.auth0app.com", "time": moment, "data": data,
-                "a0tenant": "demo"}
+        return {
+            "specversion": "1.0",
+            "type": kind,
+            "id": f"evt_demo_{user[-3:]}_{seconds}",
+            "source": "urn:auth0:demo.auth0app.com",
+            "time": moment,
+            "data": data,
+            "a0tenant": "demo",
+        }
 
     ann = "auth0|demo-ann"
-    created = event("user.created", ann, 0, email="ann@example.com", given_name="Ann",
-                    family_name="Lee")
+    created = event(
+        "user.created", ann, 0, email="ann@example.com", given_name="Ann", family_name="Lee"
+    )
     return [
         [
             ("a new user", created),
             ("the same delivery again (Auth0 is at-least-once)", created),
-            ("a user Okta will deactivate", event("user.created", "auth0|demo-bob", 1,
-                                                  email="bob@example.com", given_name="Bob")),
-            ("a user to delete", event("user.created", "auth0|demo-cat", 2,
-                                       email="cat@example.com", given_name="Cat")),
-            ("a user without an email", event("user.created", "auth0|demo-dan", 3,
-                                              given_name="Dan")),
+            (
+                "a user Okta will deactivate",
+                event(
+                    "user.created", "auth0|demo-bob", 1, email="bob@example.com", given_name="Bob"
+                ),
+            ),
+            (
+                "a user to delete",
+                event(
+                    "user.created", "auth0|demo-cat", 2, email="cat@example.com", given_name="Cat"
+                ),
+            ),
+            (
+                "a user without an email",
+                event("user.created", "auth0|demo-dan", 3, given_name="Dan"),
+            ),
         ],
         [
-            ("an email change", event("user.updated", ann, 20, email="ann.lee@example.com",
-                                      previous_email="ann@example.com", given_name="Ann",
-                                      family_name="Lee")),
-            ("SCIM deactivation: blocked", event("user.updated", "auth0|demo-bob", 30,
-                                                 email="bob@example.com", given_name="Bob",
-                                                 blocked=True)),
-            ("a delete without an email", event("user.deleted", "auth0|demo-cat", 40,
-                                                deleted_at="2025-01-01T00:00:00Z")),
+            (
+                "an email change",
+                event(
+                    "user.updated",
+                    ann,
+                    20,
+                    email="ann.lee@example.com",
+                    previous_email="ann@example.com",
+                    given_name="Ann",
+                    family_name="Lee",
+                ),
+            ),
+            (
+                "SCIM deactivation: blocked",
+                event(
+                    "user.updated",
+                    "auth0|demo-bob",
+                    30,
+                    email="bob@example.com",
+                    given_name="Bob",
+                    blocked=True,
+                ),
+            ),
+            (
+                "a delete without an email",
+                event("user.deleted", "auth0|demo-cat", 40, deleted_at="2025-01-01T00:00:00Z"),
+            ),
         ],
         [
-            ("an older update arriving late", event("user.updated", ann, 10,
-                                                    email="ann@example.com", given_name="Annie")),
+            (
+                "an older update arriving late",
+                event("user.updated", ann, 10, email="ann@example.com", given_name="Annie"),
+            ),
         ],
     ]
 
@@ -142,13 +187,13 @@ def run_demo(keep_files: bool = False) -> int:
     """Run the demo end to end; 0 when HubSpot ends in the expected state."""
     workdir = Path(tempfile.mkdtemp(prefix="idsync-demo-"))
     token = secrets.token_urlsafe(16)
-    with FakeHubSpot(token="demo-hubspot-token", rate_limit=100, window_seconds=10) as hubspot:
+    with FakeHubSpot(token=DEMO_HUBSPOT_TOKEN, rate_limit=100, window_seconds=10) as hubspot:
         env = {
             "DATABASE_URL": f"sqlite:///{workdir / 'idsync.db'}",
             "CELERY_BROKER_URL": f"sqla+sqlite:///{workdir / 'broker.db'}",
             "REDIS_URL": "",
             "INGEST_TOKEN": token,
-            "HUBSPOT_TOKEN": "demo-hubspot-token",
+            "HUBSPOT_TOKEN": DEMO_HUBSPOT_TOKEN,
             "HUBSPOT_BASE_URL": hubspot.url,
             "SWEEP_SECONDS": "1",
             "RETRY_SCHEDULE": "1s,2s,5s",
@@ -191,8 +236,12 @@ def _play(port: int, token: str, settings: Settings, hubspot: FakeHubSpot) -> bo
             for number, batch in enumerate(_sample_events(time.time()), start=1):
                 for what, document in batch:
                     answer = http.post(url, json=document, timeout=10)
-                    table.add_row(str(number), what, document["type"],
-                                  f"{answer.status_code} {answer.json()['status']}")
+                    table.add_row(
+                        str(number),
+                        what,
+                        document["type"],
+                        f"{answer.status_code} {answer.json()['status']}",
+                    )
                 done = done and _wait_until(finished, timeout=60)
         console.print(table)
         _show_outcomes(sessions, hubspot)
@@ -208,7 +257,8 @@ def _show_outcomes(sessions: Any, hubspot: FakeHubSpot) -> None:
     with sessions() as session:
         rows = session.execute(
             select(Event.event_id, Event.type, Delivery.status, Delivery.reason)
-            .join(Delivery).order_by(Delivery.id)
+            .join(Delivery)
+            .order_by(Delivery.id)
         ).all()
     for row in rows:
         deliveries.add_row(row.event_id, row.type, row.status.value, row.reason or "")
@@ -218,8 +268,13 @@ def _show_outcomes(sessions: Any, hubspot: FakeHubSpot) -> None:
         contacts.add_column(column)
     for contact in hubspot.contacts(include_archived=True):
         props = contact["properties"]
-        contacts.add_row(contact["id"], props.get("email", ""), props.get("firstname", ""),
-                         props.get("lastname", ""), str(contact.get("archived", False)))
+        contacts.add_row(
+            contact["id"],
+            props.get("email", ""),
+            props.get("firstname", ""),
+            props.get("lastname", ""),
+            str(contact.get("archived", False)),
+        )
     console.print(contacts)
 
 
@@ -237,10 +292,14 @@ def _expected(hubspot: FakeHubSpot) -> bool:
         and archived == {"bob@example.com", "cat@example.com"}
     )
     if ok:
-        console.print("[bold green]Demo passed:[/] one live contact (Ann, new email), Bob "
-                      "archived after SCIM deactivation, Cat archived without an email, "
-                      "Dan skipped for want of an email.")
+        console.print(
+            "[bold green]Demo passed:[/] one live contact (Ann, new email), Bob "
+            "archived after SCIM deactivation, Cat archived without an email, "
+            "Dan skipped for want of an email."
+        )
     else:
-        console.print(f"[bold red]Demo failed:[/] live contacts are {sorted(live)}, "
-                      f"expected {sorted(expected_live)}")
+        console.print(
+            f"[bold red]Demo failed:[/] live contacts are {sorted(live)}, "
+            f"expected {sorted(expected_live)}"
+        )
     return ok

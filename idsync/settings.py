@@ -71,13 +71,13 @@ class Settings(BaseSettings):
     hubspot_rate_limit: str = "100/10s"
     hubspot_timezone: str = "UTC"
     hubspot_property_map: str | None = None
-    hubspot_batch_size: int = Field(100, ge=1, le=100)
+    hubspot_batch_size: int = Field(default=100, ge=1, le=100)
     hubspot_timeout_seconds: float = 10.0
     deprovision: Literal["archive", "mark"] = "archive"
     deprovision_property: str = "idsync_deprovisioned"
 
     retry_schedule: CommaList = tuple(DEFAULT_RETRY_SCHEDULE.split(","))
-    retry_jitter: float = Field(0.2, ge=0, le=1)
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
     lease_seconds: float = 120.0
     sweep_seconds: float = 5.0
     pause_probe_seconds: float = 60.0

@@ -61,8 +61,11 @@ class Waker:
             ):
                 return False
             self.celery.send_task(DELIVER_TASK, args=[destination], retry=False)
-        except Exception as error:  # noqa: BLE001 - any broker failure leaves the work to the sweep
-            log.warning("wake-up for %s not published (%s); the sweep will pick it up",
-                        destination, type(error).__name__)
+        except Exception as error:
+            log.warning(
+                "wake-up for %s not published (%s); the sweep will pick it up",
+                destination,
+                type(error).__name__,
+            )
             return False
         return True

@@ -72,18 +72,17 @@ def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
     event_time = parse_time(envelope.time)
     if event_time is None:
         raise InvalidEvent("CloudEvent attribute 'time' is missing or not an RFC 3339 timestamp")
-    digest = hashlib.sha256(body).hexdigest()
-    base = {
+    common = {
         "source": envelope.source,
         "event_id": envelope.event_id,
         "type": envelope.type,
         "event_time": event_time,
         "payload": without_context(document),
-        "body_sha256": digest,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
     }
     if envelope.type not in HANDLED_TYPES:
         return NewEvent(
-            **base,
+            **common,  # type: ignore[arg-type]
             subject=None,
             object_updated_at=None,
             status=EventStatus.IGNORED,
@@ -97,7 +96,7 @@ def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
     assert isinstance(user, dict)
     is_test = document.get("a0purpose") == "test"
     return NewEvent(
-        **base,
+        **common,  # type: ignore[arg-type]
         subject=user_id,
         object_updated_at=parse_time(user.get("updated_at")),
         status=EventStatus.IGNORED if is_test else EventStatus.ACCEPTED,

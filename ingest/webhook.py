@@ -71,7 +71,9 @@ def receive_auth0_event() -> tuple[Response, int]:
         response.headers["WWW-Authenticate"] = 'Bearer realm="idsync"'
         return response, status
     if request.mimetype not in JSON_MEDIA_TYPES:
-        return _reject(415, "send one CloudEvent as application/json or application/cloudevents+json")
+        return _reject(
+            415, "send one CloudEvent as application/json or application/cloudevents+json"
+        )
     try:
         body = request.get_data(cache=False)
     except RequestEntityTooLarge:
@@ -98,8 +100,9 @@ def _store(event: NewEvent) -> tuple[Response, int]:
                 session=session, event=event, destinations=state.settings.destinations
             )
     except SQLAlchemyError as error:
-        log.error("event %s not stored: database unavailable (%s)", event.event_id,
-                  type(error).__name__)
+        log.error(
+            "event %s not stored: database unavailable (%s)", event.event_id, type(error).__name__
+        )
         response, status = _reject(503, "the outbox database is unavailable; retry later")
         response.headers["Retry-After"] = "1"
         return response, status
@@ -109,12 +112,14 @@ def _store(event: NewEvent) -> tuple[Response, int]:
         state.waker.wake(destination)
     if event.status is EventStatus.IGNORED:
         return _answer(202, status="ignored", reason=event.ignore_reason, id=event.event_id)
-    return _answer(202, status="accepted", id=event.event_id,
-                   deliveries=len(recorded.destinations))
+    return _answer(202, status="accepted", id=event.event_id, deliveries=len(recorded.destinations))
 
 
 def _duplicate(event: NewEvent, recorded: Recorded) -> tuple[Response, int]:
     if recorded.stored_sha256 != event.body_sha256:
-        log.warning("event %s from %s repeated with a different body; kept the first",
-                    event.event_id, event.source)
+        log.warning(
+            "event %s from %s repeated with a different body; kept the first",
+            event.event_id,
+            event.source,
+        )
     return _answer(200, status="duplicate", id=event.event_id)

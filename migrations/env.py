@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 
 from idsync.settings import Settings
+from models import tables  # noqa: F401  (registers the tables on Base.metadata)
 from models.base import Base
 from models.db import make_engine, normalize_url
-from models import tables  # noqa: F401  (registers the tables on Base.metadata)
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

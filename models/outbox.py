@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, and_, case, or_, select, tuple_, update
+from sqlalchemy import and_, case, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -28,11 +28,11 @@ from models.tables import (
 )
 
 
-def _insert(session: Session, table: Any) -> Insert:
+def _insert(session: Session, table: Any) -> Any:
     """An INSERT that knows ON CONFLICT on the session's dialect."""
     dialect = session.get_bind().dialect.name
     module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(table)  # type: ignore[no-any-return]
+    return module.insert(table)
 
 
 # Recording events (ingest)
@@ -64,9 +64,7 @@ class Recorded:
     destinations: tuple[str, ...] = ()
 
 
-def record_event(
-    *, session: Session, event: NewEvent, destinations: Sequence[str]
-) -> Recorded:
+def record_event(*, session: Session, event: NewEvent, destinations: Sequence[str]) -> Recorded:
     """Insert the event and one delivery per destination, unless (source, id) exists.
 
     The unique constraint decides duplicates, so two identical posts racing each
@@ -158,12 +156,8 @@ def event_order_key(event: Event) -> str:
 
 def _due(destination: str, now: datetime) -> Any:
     """Deliveries of ``destination`` that a worker may take now."""
-    pending = and_(
-        Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now
-    )
-    orphaned = and_(
-        Delivery.status == DeliveryStatus.IN_PROGRESS, Delivery.lease_expires_at < now
-    )
+    pending = and_(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
+    orphaned = and_(Delivery.status == DeliveryStatus.IN_PROGRESS, Delivery.lease_expires_at < now)
     return and_(Delivery.destination == destination, or_(pending, orphaned))
 
 
@@ -337,9 +331,7 @@ def owned_elsewhere(
 def has_due_work(*, session: Session, destination: str) -> bool:
     """Whether any delivery of ``destination`` is due or orphaned right now."""
     now = db_now(session)
-    found = session.execute(
-        select(Delivery.id).where(_due(destination, now)).limit(1)
-    ).first()
+    found = session.execute(select(Delivery.id).where(_due(destination, now)).limit(1)).first()
     return found is not None
 
 

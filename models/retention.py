@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import CursorResult, delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import FINISHED, Delivery, DeliveryAttempt, Event
@@ -25,28 +26,39 @@ def purge_before(
     all finished (failed ones are kept for replay), and delete such events received
     before ``rows_before`` with their deliveries and attempts."""
     keep = _unfinished_exists() | _failed_exists()  # type: ignore[operator]
-    old_payloads = session.execute(
-        update(Event)
-        .where(Event.received_at < payloads_before, Event.payload.is_not(None), ~keep)
-        .values(payload=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    excerpts = session.execute(
-        update(DeliveryAttempt)
-        .where(
-            DeliveryAttempt.response_excerpt.is_not(None),
-            DeliveryAttempt.delivery_id.in_(
-                select(Delivery.id).join(Event).where(
-                    Event.received_at < payloads_before, Event.payload.is_(None)
-                )
-            ),
+    old_payloads = _count(
+        session.execute(
+            update(Event)
+            .where(Event.received_at < payloads_before, Event.payload.is_not(None), ~keep)
+            .values(payload=None)
+            .execution_options(synchronize_session=False)
         )
-        .values(response_excerpt=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    old_rows = session.execute(
-        delete(Event)
-        .where(Event.received_at < rows_before, ~keep)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    )
+    excerpts = _count(
+        session.execute(
+            update(DeliveryAttempt)
+            .where(
+                DeliveryAttempt.response_excerpt.is_not(None),
+                DeliveryAttempt.delivery_id.in_(
+                    select(Delivery.id)
+                    .join(Event)
+                    .where(Event.received_at < payloads_before, Event.payload.is_(None))
+                ),
+            )
+            .values(response_excerpt=None)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    old_rows = _count(
+        session.execute(
+            delete(Event)
+            .where(Event.received_at < rows_before, ~keep)
+            .execution_options(synchronize_session=False)
+        )
+    )
     return {"payloads": old_payloads, "excerpts": excerpts, "events": old_rows}
+
+
+def _count(result: Any) -> int:
+    """Rows an UPDATE or DELETE touched."""
+    return int(cast(CursorResult[Any], result).rowcount)

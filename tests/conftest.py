@@ -35,8 +35,9 @@ hypothesis_settings.register_profile(
     "dev",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-hypothesis_settings.register_profile("ci", parent=hypothesis_settings.get_profile("dev"),
-                                     derandomize=True, print_blob=True)
+hypothesis_settings.register_profile(
+    "ci", parent=hypothesis_settings.get_profile("dev"), derandomize=True, print_blob=True
+)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 TABLES = ("delivery_attempts", "deliveries", "events", "links", "quarantine", "destination_states")

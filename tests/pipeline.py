@@ -35,16 +35,14 @@ class Pipeline:
         self.hubspot = hubspot
         self.app = create_app(self.settings)
         self.client = self.app.test_client()
-        self.destination = HubSpotDestination(
-            self.settings, LocalRateLimiter(limit=1000, window=1)
-        )
+        self.destination = HubSpotDestination(self.settings, LocalRateLimiter(limit=1000, window=1))
 
     def reset(self) -> None:
         """Empty the outbox and the fake, for one more property-test example."""
         with self.sessions() as session, session.begin():
-            session.execute(text(
-                "TRUNCATE delivery_attempts, deliveries, events, links, destination_states"
-            ))
+            session.execute(
+                text("TRUNCATE delivery_attempts, deliveries, events, links, destination_states")
+            )
         self.hubspot.reset()
 
     def post(self, document: dict[str, Any]) -> Any:
@@ -66,9 +64,13 @@ class Pipeline:
 
     def pending(self) -> int:
         with self.sessions() as session:
-            return len(session.scalars(select(Delivery).where(
-                Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS])
-            )).all())
+            return len(
+                session.scalars(
+                    select(Delivery).where(
+                        Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS])
+                    )
+                ).all()
+            )
 
     def deliveries(self) -> list[tuple[str, str | None]]:
         with self.sessions() as session:
@@ -86,5 +88,3 @@ def pipeline(settings: Settings, sessions: Any, hubspot: FakeHubSpot) -> Iterato
     yield pipe
     pipe.destination.close()
     pipe.app.extensions["idsync"].engine.dispose()
-
-

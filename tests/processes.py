@@ -7,6 +7,7 @@ tests. Conditions are awaited with deadlines, never with fixed sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -91,13 +92,18 @@ class ServiceStack:
         return bool(total) and open_ == 0 and (expected is None or total == expected)
 
     def wait_finished(self, expected: int | None = None, timeout: float = 60) -> None:
-        wait_for(lambda: self.all_finished(expected), timeout,
-                 f"every delivery finished (now {self.statuses()})")
+        wait_for(
+            lambda: self.all_finished(expected),
+            timeout,
+            f"every delivery finished (now {self.statuses()})",
+        )
 
     def count(self, status: DeliveryStatus) -> int:
         with self.sessions() as session:
-            return int(session.scalar(
-                select(func.count(Delivery.id)).where(Delivery.status == status)) or 0)
+            return int(
+                session.scalar(select(func.count(Delivery.id)).where(Delivery.status == status))
+                or 0
+            )
 
     def stop(self) -> None:
         self.http.close()
@@ -130,9 +136,21 @@ class PrivateRedis:
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(self._answers, 10, "the private Redis to answer")
 
@@ -191,20 +209,16 @@ class TcpProxy:
             pass
         finally:
             for sock in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         """Refuse new connections and break the open ones."""
         self.open = False
         with self._lock:
             for sock in self._sockets:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
             self._sockets.clear()
 
@@ -216,8 +230,9 @@ class TcpProxy:
         self.listener.close()
 
 
-def stack_env(database_url: str, redis_url: str, prefix: str, hubspot: FakeHubSpot,
-              **overrides: str) -> dict[str, str]:
+def stack_env(
+    database_url: str, redis_url: str, prefix: str, hubspot: FakeHubSpot, **overrides: str
+) -> dict[str, str]:
     """The environment every idsync process of a test stack shares."""
     env = {
         "DATABASE_URL": database_url,

@@ -29,17 +29,21 @@ def histories(draw: Any, max_users: int = 3, max_steps: int = 5) -> dict[str, li
     result = {}
     for n in range(users):
         emails = [f"u{n}a@example.com", f"u{n}b@example.com", None]
-        steps = draw(st.lists(
-            st.builds(
-                Step,
-                kind=st.sampled_from(["user.created", "user.updated", "user.updated",
-                                      "user.deleted"]),
-                email=st.sampled_from(emails),
-                given_name=st.sampled_from(["Ann", "Bo", "Cy"]),
-                blocked=st.booleans(),
-            ),
-            min_size=1, max_size=max_steps,
-        ))
+        steps = draw(
+            st.lists(
+                st.builds(
+                    Step,
+                    kind=st.sampled_from(
+                        ["user.created", "user.updated", "user.updated", "user.deleted"]
+                    ),
+                    email=st.sampled_from(emails),
+                    given_name=st.sampled_from(["Ann", "Bo", "Cy"]),
+                    blocked=st.booleans(),
+                ),
+                min_size=1,
+                max_size=max_steps,
+            )
+        )
         result[f"auth0|prop{n}"] = steps
     return result
 
@@ -50,11 +54,18 @@ def documents(history: dict[str, list[Step]], id_salt: str) -> list[dict[str, An
     for user, steps in history.items():
         previous: str | None = None
         for index, step in enumerate(steps):
-            out.append(auth0_event(
-                step.kind, user, email=step.email, previous_email=previous,
-                given_name=step.given_name, blocked=step.blocked, at=index * 10,
-                event_id=f"evt_{id_salt}_{user[-1]}_{index}",
-            ))
+            out.append(
+                auth0_event(
+                    step.kind,
+                    user,
+                    email=step.email,
+                    previous_email=previous,
+                    given_name=step.given_name,
+                    blocked=step.blocked,
+                    at=index * 10,
+                    event_id=f"evt_{id_salt}_{user[-1]}_{index}",
+                )
+            )
             previous = step.email
     return out
 

@@ -53,8 +53,11 @@ def test_auth0_fixtures_produce_the_right_contacts(e2e: ServiceStack) -> None:
 def test_test_event_is_ignored_and_delivers_nothing(e2e: ServiceStack) -> None:
     answer = e2e.post(fixture("user_created_test_event.json"))
     assert answer.status_code == 202
-    assert answer.json() == {"status": "ignored", "reason": "test_event",
-                             "id": "evt_6SfwXrtm8nVcjzzNCFFH1L"}
+    assert answer.json() == {
+        "status": "ignored",
+        "reason": "test_event",
+        "id": "evt_6SfwXrtm8nVcjzzNCFFH1L",
+    }
     with e2e.sessions() as session:
         assert session.scalars(select(Delivery)).all() == []
         assert session.scalars(select(Event.status)).one().value == "ignored"
@@ -73,8 +76,9 @@ def test_concurrent_duplicates_store_one_event(e2e: ServiceStack) -> None:
 def test_one_user_never_in_flight_twice_and_ends_at_newest(e2e: ServiceStack) -> None:
     e2e.hubspot.slow_next(30, 0.05)
     events = [
-        auth0_event("user.updated", "auth0|busy", email="busy@example.com",
-                    given_name=f"v{n:02d}", at=n)
+        auth0_event(
+            "user.updated", "auth0|busy", email="busy@example.com", given_name=f"v{n:02d}", at=n
+        )
         for n in range(30)
     ]
     with ThreadPoolExecutor(6) as pool:
@@ -143,9 +147,16 @@ def test_many_users_with_email_changes_reach_their_newest_state(e2e: ServiceStac
         e2e.post(auth0_event("user.created", user, email=f"u{n}@example.com", at=0))
     e2e.wait_finished(40)
     for n, user in enumerate(users):
-        e2e.post(auth0_event("user.updated", user, email=f"u{n}.new@example.com",
-                             previous_email=f"u{n}@example.com", at=10,
-                             event_id=f"evt_{uuid.uuid4().hex[:20]}"))
+        e2e.post(
+            auth0_event(
+                "user.updated",
+                user,
+                email=f"u{n}.new@example.com",
+                previous_email=f"u{n}@example.com",
+                at=10,
+                event_id=f"evt_{uuid.uuid4().hex[:20]}",
+            )
+        )
     e2e.wait_finished(80)
     emails = sorted(c["properties"]["email"] for c in e2e.hubspot.contacts())
     assert emails == sorted(f"u{n}.new@example.com" for n in range(40))
@@ -155,11 +166,19 @@ def test_event_time_in_far_future_is_ordered_by_arrival(e2e: ServiceStack) -> No
     from datetime import UTC, datetime, timedelta
 
     future = datetime.now(UTC) + timedelta(days=2)
-    e2e.post(auth0_event("user.created", "auth0|clock", email="clock@example.com",
-                         given_name="Skewed", at=future))
+    e2e.post(
+        auth0_event(
+            "user.created", "auth0|clock", email="clock@example.com", given_name="Skewed", at=future
+        )
+    )
     e2e.wait_finished(1)
-    later = auth0_event("user.updated", "auth0|clock", email="clock@example.com",
-                        given_name="Fixed", at=datetime.now(UTC) + timedelta(seconds=30))
+    later = auth0_event(
+        "user.updated",
+        "auth0|clock",
+        email="clock@example.com",
+        given_name="Fixed",
+        at=datetime.now(UTC) + timedelta(seconds=30),
+    )
     later["time"] = stamp(datetime.now(UTC) + timedelta(seconds=30))
     e2e.post(later)
     e2e.wait_finished(2)

@@ -34,7 +34,9 @@ def test_events_accepted_while_the_broker_is_down_are_delivered_after(
     with FakeHubSpot(token="fake-token") as hubspot:
         stack = ServiceStack(
             env=stack_env(database_url, private_redis.url, "outage", hubspot),
-            workdir=tmp_path, hubspot=hubspot, sessions=make_session_factory(engine),
+            workdir=tmp_path,
+            hubspot=hubspot,
+            sessions=make_session_factory(engine),
         )
         try:
             stack.start_ingest()
@@ -44,8 +46,9 @@ def test_events_accepted_while_the_broker_is_down_are_delivered_after(
             stack.wait_finished(1)
             private_redis.stop()
             for n in range(5):
-                answer = stack.post(auth0_event("user.created", f"auth0|during{n}",
-                                                email=f"during{n}@example.com"))
+                answer = stack.post(
+                    auth0_event("user.created", f"auth0|during{n}", email=f"during{n}@example.com")
+                )
                 # Stored durably; the lost wake-up is the sweep's job.
                 assert answer.status_code == 202, answer.text
                 assert answer.elapsed.total_seconds() < 5
@@ -66,8 +69,15 @@ def test_worker_killed_under_load_delivers_everything_once(e2e: ServiceStack) ->
     for n in range(150):
         user = f"auth0|load{n % 50}"
         email = f"load{n % 50}.{n // 50}@example.com"
-        e2e.post(auth0_event("user.updated", user, email=email, at=n // 50,
-                             previous_email=f"load{n % 50}.{n // 50 - 1}@example.com"))
+        e2e.post(
+            auth0_event(
+                "user.updated",
+                user,
+                email=email,
+                at=n // 50,
+                previous_email=f"load{n % 50}.{n // 50 - 1}@example.com",
+            )
+        )
         expected[user] = email
     wait_for(lambda: e2e.count(DeliveryStatus.SUCCEEDED) > 5, 30, "some deliveries")
     e2e.stack.kill(rng.choice(["worker1", "worker2"]), signal.SIGKILL)
@@ -89,8 +99,15 @@ def test_hubspot_storms_of_500_and_429_are_ridden_out(e2e: ServiceStack) -> None
     e2e.hubspot.fail_next(3, status=503)
     e2e.hubspot.rate_limit_next(3, policy="SECONDLY")
     for n in range(20):
-        e2e.post(auth0_event("user.updated", f"auth0|storm{n}", email=f"storm{n}@example.com",
-                             given_name="After", at=10))
+        e2e.post(
+            auth0_event(
+                "user.updated",
+                f"auth0|storm{n}",
+                email=f"storm{n}@example.com",
+                given_name="After",
+                at=10,
+            )
+        )
     e2e.wait_finished(40, timeout=90)
     assert e2e.statuses().count(("succeeded", None)) == 40
     assert all(c["properties"]["firstname"] == "After" for c in e2e.hubspot.contacts())
@@ -101,8 +118,11 @@ def test_bad_credentials_pause_and_fixing_them_resumes(e2e: ServiceStack) -> Non
     e2e.hubspot.set_token("rotated-token")
     for n in range(3):
         e2e.post(auth0_event("user.created", f"auth0|pause{n}", email=f"pause{n}@example.com"))
-    wait_for(lambda: "paused" in e2e.http.get(f"{e2e.url}/readyz").json()["destinations"][
-        "hubspot"], 30, "the destination to pause")
+    wait_for(
+        lambda: "paused" in e2e.http.get(f"{e2e.url}/readyz").json()["destinations"]["hubspot"],
+        30,
+        "the destination to pause",
+    )
     # Paused work stays pending, with its budget untouched.
     wait_for(lambda: e2e.count(DeliveryStatus.PENDING) == 3, 30, "all three to wait")
     with e2e.sessions() as session:

@@ -45,11 +45,19 @@ def counts(sessions: Any) -> tuple[int, int, int]:
         )
 
 
-def post(client: FlaskClient, body: Any, headers: dict[str, str] | None = None,
-         content_type: str = "application/json") -> Any:
+def post(
+    client: FlaskClient,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+) -> Any:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return client.post("/events/auth0", data=data, content_type=content_type,
-                       headers=BEARER if headers is None else headers)
+    return client.post(
+        "/events/auth0",
+        data=data,
+        content_type=content_type,
+        headers=BEARER if headers is None else headers,
+    )
 
 
 def test_accepted_event_is_stored_with_one_delivery_per_destination(
@@ -57,8 +65,11 @@ def test_accepted_event_is_stored_with_one_delivery_per_destination(
 ) -> None:
     answer = post(client, fixture("user_created.json"))
     assert answer.status_code == 202
-    assert answer.json == {"status": "accepted", "id": "evt_vjFVP5pVdfvsfRKatshkVV",
-                           "deliveries": 1}
+    assert answer.json == {
+        "status": "accepted",
+        "id": "evt_vjFVP5pVdfvsfRKatshkVV",
+        "deliveries": 1,
+    }
     assert counts(sessions) == (1, 1, 0)
     with sessions() as session:
         event = session.scalars(select(Event)).one()
@@ -97,15 +108,19 @@ def test_bad_credentials_are_401_and_store_nothing(
 
 @pytest.mark.parametrize(
     "authorization",
-    [f"Bearer {TOKEN}", "Bearer next-token",
-     "Basic " + base64.b64encode(f"auth0:{TOKEN}".encode()).decode()],
+    [
+        f"Bearer {TOKEN}",
+        "Bearer next-token",
+        "Basic " + base64.b64encode(f"auth0:{TOKEN}".encode()).decode(),
+    ],
     ids=["bearer", "rotated-token", "basic"],
 )
-def test_every_valid_credential_form_is_accepted(
-    client: FlaskClient, authorization: str
-) -> None:
-    answer = post(client, auth0_event("user.created", "auth0|1", email="a@example.com"),
-                  headers={"Authorization": authorization})
+def test_every_valid_credential_form_is_accepted(client: FlaskClient, authorization: str) -> None:
+    answer = post(
+        client,
+        auth0_event("user.created", "auth0|1", email="a@example.com"),
+        headers={"Authorization": authorization},
+    )
     assert answer.status_code == 202
 
 
@@ -158,8 +173,7 @@ def _without(document: dict[str, Any], *path: str) -> dict[str, Any]:
         _without(fixture("user_created.json"), "data", "object", "user_id"),
         [fixture("user_created.json")],
     ],
-    ids=["specversion", "id", "type", "source", "time", "bad-time", "old-spec", "user_id",
-         "array"],
+    ids=["specversion", "id", "type", "source", "time", "bad-time", "old-spec", "user_id", "array"],
 )
 def test_invalid_events_are_422_and_quarantined(
     client: FlaskClient, sessions: Any, document: Any
@@ -175,8 +189,11 @@ def test_invalid_events_are_422_and_quarantined(
 def test_unhandled_type_is_ignored_before_user_fields_are_checked(
     client: FlaskClient, sessions: Any
 ) -> None:
-    document = {**fixture("user_created.json"), "type": "organization.created",
-                "data": {"object": {"id": "org_1"}}}
+    document = {
+        **fixture("user_created.json"),
+        "type": "organization.created",
+        "data": {"object": {"id": "org_1"}},
+    }
     answer = post(client, document)
     assert answer.status_code == 202
     assert answer.json["status"] == "ignored" and answer.json["reason"] == "unhandled_type"
@@ -184,8 +201,11 @@ def test_unhandled_type_is_ignored_before_user_fields_are_checked(
 
 
 def test_any_id_pattern_and_cloudevents_media_type_are_accepted(client: FlaskClient) -> None:
-    answer = post(client, fixture("user_deleted_minimal.json"),
-                  content_type="application/cloudevents+json; charset=utf-8")
+    answer = post(
+        client,
+        fixture("user_deleted_minimal.json"),
+        content_type="application/cloudevents+json; charset=utf-8",
+    )
     assert answer.status_code == 202
 
 
@@ -193,8 +213,12 @@ def test_allowed_sources_reject_other_tenants(app_settings: Settings, sessions: 
     app = create_app(app_settings.model_copy(update={"ingest_allowed_sources": ("my-tenant",)}))
     client = app.test_client()
     assert post(client, fixture("user_created.json")).status_code == 202
-    other = {**fixture("user_created.json"), "a0tenant": "other", "id": "evt_other",
-             "source": "urn:auth0:other.auth0app.com"}
+    other = {
+        **fixture("user_created.json"),
+        "a0tenant": "other",
+        "id": "evt_other",
+        "source": "urn:auth0:other.auth0app.com",
+    }
     answer = post(client, other)
     app.extensions["idsync"].engine.dispose()
     assert answer.status_code == 403

@@ -19,8 +19,16 @@ __all__ = ["Pipeline"]
 
 
 def test_created_user_becomes_a_contact_with_mapped_properties(pipeline: Pipeline) -> None:
-    pipeline.post(auth0_event("user.created", "auth0|1", email="Ann@Example.com",
-                              given_name="Ann", family_name="Lee", phone="+1555"))
+    pipeline.post(
+        auth0_event(
+            "user.created",
+            "auth0|1",
+            email="Ann@Example.com",
+            given_name="Ann",
+            family_name="Lee",
+            phone="+1555",
+        )
+    )
     pipeline.drain()
     contact = pipeline.hubspot.contact_by_email("ann@example.com")
     assert contact is not None
@@ -36,8 +44,15 @@ def test_email_change_follows_the_person(pipeline: Pipeline) -> None:
     pipeline.post(auth0_event("user.created", "auth0|1", email="old@example.com", at=0))
     pipeline.drain()
     contact_id = pipeline.link("auth0|1").external_id
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="new@example.com",
-                              previous_email="old@example.com", at=10))
+    pipeline.post(
+        auth0_event(
+            "user.updated",
+            "auth0|1",
+            email="new@example.com",
+            previous_email="old@example.com",
+            at=10,
+        )
+    )
     pipeline.drain()
     contact = pipeline.hubspot.contact_by_email("new@example.com")
     assert contact is not None and contact["id"] == contact_id
@@ -47,8 +62,11 @@ def test_email_change_follows_the_person(pipeline: Pipeline) -> None:
 
 def test_first_event_with_new_email_adopts_contact_by_previous_email(pipeline: Pipeline) -> None:
     existing = pipeline.hubspot.seed_contact({"email": "old@example.com", "company": "ACME"})
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="new@example.com",
-                              previous_email="old@example.com"))
+    pipeline.post(
+        auth0_event(
+            "user.updated", "auth0|1", email="new@example.com", previous_email="old@example.com"
+        )
+    )
     pipeline.drain()
     contacts = pipeline.hubspot.contacts()
     assert [c["id"] for c in contacts] == [existing]
@@ -58,10 +76,12 @@ def test_first_event_with_new_email_adopts_contact_by_previous_email(pipeline: P
 
 
 def test_out_of_order_update_before_create_ends_at_newest(pipeline: Pipeline) -> None:
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com",
-                              given_name="New", at=10))
-    pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com",
-                              given_name="Old", at=0))
+    pipeline.post(
+        auth0_event("user.updated", "auth0|1", email="a@example.com", given_name="New", at=10)
+    )
+    pipeline.post(
+        auth0_event("user.created", "auth0|1", email="a@example.com", given_name="Old", at=0)
+    )
     pipeline.drain()
     contact = pipeline.hubspot.contact_by_email("a@example.com")
     assert contact is not None and contact["properties"]["firstname"] == "New"
@@ -91,12 +111,12 @@ def test_delete_without_email_archives_linked_contact(pipeline: Pipeline) -> Non
 def test_blocked_then_unblocked_restores_a_live_contact(pipeline: Pipeline) -> None:
     pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com", at=0))
     pipeline.drain()
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com", blocked=True,
-                              at=5))
+    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com", blocked=True, at=5))
     pipeline.drain()
     assert pipeline.hubspot.contacts() == []
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com", blocked=False,
-                              at=9))
+    pipeline.post(
+        auth0_event("user.updated", "auth0|1", email="a@example.com", blocked=False, at=9)
+    )
     pipeline.drain()
     assert [c["properties"]["email"] for c in pipeline.hubspot.contacts()] == ["a@example.com"]
     assert not pipeline.link("auth0|1").deprovisioned
@@ -104,7 +124,8 @@ def test_blocked_then_unblocked_restores_a_live_contact(pipeline: Pipeline) -> N
 
 def test_mark_mode_sets_a_property_instead_of_archiving(pipeline: Pipeline) -> None:
     pipeline.destination.settings = pipeline.settings = pipeline.settings.model_copy(
-        update={"deprovision": "mark"})
+        update={"deprovision": "mark"}
+    )
     pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com", at=0))
     pipeline.drain()
     pipeline.post(auth0_event("user.deleted", "auth0|1", at=5))
@@ -133,8 +154,9 @@ def test_unchanged_properties_are_not_sent_again(pipeline: Pipeline) -> None:
 
 
 def test_absent_mapped_field_is_cleared(pipeline: Pipeline) -> None:
-    pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com",
-                              given_name="Ann", at=0))
+    pipeline.post(
+        auth0_event("user.created", "auth0|1", email="a@example.com", given_name="Ann", at=0)
+    )
     pipeline.drain()
     pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com", at=5))
     pipeline.drain()
@@ -149,10 +171,14 @@ def test_contact_deleted_by_hand_is_recreated(pipeline: Pipeline) -> None:
     pipeline.hubspot.contacts()  # the contact exists
     import requests
 
-    requests.delete(f"{pipeline.hubspot.url}/crm/v3/objects/contacts/{old_id}",
-                    headers={"Authorization": "Bearer fake-token"}, timeout=5)
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com",
-                              given_name="Ann", at=5))
+    requests.delete(
+        f"{pipeline.hubspot.url}/crm/v3/objects/contacts/{old_id}",
+        headers={"Authorization": "Bearer fake-token"},
+        timeout=5,
+    )
+    pipeline.post(
+        auth0_event("user.updated", "auth0|1", email="a@example.com", given_name="Ann", at=5)
+    )
     pipeline.drain()
     contact = pipeline.hubspot.contact_by_email("a@example.com")
     assert contact is not None and contact["id"] != old_id
@@ -183,8 +209,9 @@ def test_merged_contact_moves_the_link(pipeline: Pipeline) -> None:
     assert old_id is not None
     survivor = pipeline.hubspot.seed_contact({"email": "b@example.com"})
     pipeline.hubspot.merge(old_id, survivor)
-    pipeline.post(auth0_event("user.updated", "auth0|1", email="a@example.com",
-                              given_name="Ann", at=5))
+    pipeline.post(
+        auth0_event("user.updated", "auth0|1", email="a@example.com", given_name="Ann", at=5)
+    )
     pipeline.drain()
     assert pipeline.link("auth0|1").external_id == survivor
 
@@ -224,7 +251,8 @@ def test_rate_limit_does_not_spend_the_budget(pipeline: Pipeline) -> None:
 def test_bad_token_pauses_the_destination(pipeline: Pipeline) -> None:
     pipeline.hubspot.set_token("rotated")
     pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com"))
-    run_batch(sessions=pipeline.sessions, settings=pipeline.settings,
-              destination=pipeline.destination)
+    run_batch(
+        sessions=pipeline.sessions, settings=pipeline.settings, destination=pipeline.destination
+    )
     assert pipeline.deliveries() == [("pending", None)]
     assert pipeline.client.get("/readyz").json["destinations"]["hubspot"].startswith("paused")

@@ -27,40 +27,77 @@ moments = st.datetimes(
 
 @given(
     st.lists(
-        st.tuples(moments, st.none() | moments, st.sampled_from(TYPES),
-                  st.text("abcdef0123", min_size=1, max_size=8)),
-        min_size=2, max_size=20, unique_by=lambda e: e[3],
+        st.tuples(
+            moments,
+            st.none() | moments,
+            st.sampled_from(TYPES),
+            st.text("abcdef0123", min_size=1, max_size=8),
+        ),
+        min_size=2,
+        max_size=20,
+        unique_by=lambda e: e[3],
     )
 )
 def test_order_key_orders_by_time_then_updated_at_then_type_then_id(
     events: list[tuple[datetime, datetime | None, str, str]],
 ) -> None:
     far_later = datetime(2031, 1, 1, tzinfo=UTC)  # arrival after every event: no clock guard
-    keyed = sorted(events, key=lambda e: order_key(event_time=e[0], received_at=far_later,
-                                                  object_updated_at=e[1], event_type=e[2],
-                                                  event_id=e[3]))
+    keyed = sorted(
+        events,
+        key=lambda e: order_key(
+            event_time=e[0],
+            received_at=far_later,
+            object_updated_at=e[1],
+            event_type=e[2],
+            event_id=e[3],
+        ),
+    )
     rank = {t: n for n, t in enumerate(TYPES)}
-    expected = sorted(events, key=lambda e: (e[0], e[1] or datetime.min.replace(tzinfo=UTC),
-                                             rank[e[2]], e[3]))
+    expected = sorted(
+        events, key=lambda e: (e[0], e[1] or datetime.min.replace(tzinfo=UTC), rank[e[2]], e[3])
+    )
     assert keyed == expected
 
 
 @given(moments, st.integers(1, 10_000))
 def test_far_future_event_is_ordered_by_arrival(arrived: datetime, minutes_ahead: int) -> None:
     event_time = arrived + FUTURE_TOLERANCE + timedelta(minutes=minutes_ahead)
-    skewed = order_key(event_time=event_time, received_at=arrived, object_updated_at=None,
-                       event_type="user.updated", event_id="evt_a")
-    next_real = order_key(event_time=arrived + timedelta(seconds=1), received_at=arrived,
-                          object_updated_at=None, event_type="user.updated", event_id="evt_b")
+    skewed = order_key(
+        event_time=event_time,
+        received_at=arrived,
+        object_updated_at=None,
+        event_type="user.updated",
+        event_id="evt_a",
+    )
+    next_real = order_key(
+        event_time=arrived + timedelta(seconds=1),
+        received_at=arrived,
+        object_updated_at=None,
+        event_type="user.updated",
+        event_id="evt_b",
+    )
     assert skewed < next_real
 
 
 profile_values = st.none() | st.text(max_size=12) | st.booleans() | st.integers()
 
 
-@given(st.dictionaries(st.sampled_from(["email", "given_name", "family_name", "phone_number",
-                                        "nickname", "logins_count", "blocked"]),
-                       profile_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "email",
+                "given_name",
+                "family_name",
+                "phone_number",
+                "nickname",
+                "logins_count",
+                "blocked",
+            ]
+        ),
+        profile_values,
+    )
+)
 def test_mapping_sets_every_mapped_property_and_nothing_else(profile: dict[str, Any]) -> None:
     properties = map_properties(profile, DEFAULT_PROPERTY_MAP)
     unmapped = set(properties) - set(DEFAULT_PROPERTY_MAP.values())

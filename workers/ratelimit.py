@@ -11,6 +11,7 @@ for the embedded default, which runs a single worker process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -83,7 +84,7 @@ class RedisRateLimiter:
                         args=[self.limit, self.window_us, uuid.uuid4().hex],
                     )
                 )
-            except Exception:  # noqa: BLE001 - fail closed: no Redis, no request
+            except Exception:
                 wait_us = 500_000
             if wait_us <= 0:
                 return
@@ -94,10 +95,9 @@ class RedisRateLimiter:
 
     def block_for(self, seconds: float) -> None:
         """Stop every worker from sending for ``seconds`` (after a 429, say)."""
-        try:
+        # Without Redis the next acquire fails closed anyway.
+        with contextlib.suppress(Exception):
             self._block(keys=[self.block_key], args=[int(seconds * 1_000_000)])
-        except Exception:  # noqa: BLE001, S110 - the next acquire fails closed anyway
-            pass
 
 
 class LocalRateLimiter:

@@ -121,7 +121,9 @@ class Destination(Protocol):
 
     name: str
 
-    def deliver(self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck) -> dict[str, Outcome]:
+    def deliver(
+        self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck
+    ) -> dict[str, Outcome]:
         """Bring each intent's user to its state; answer one outcome per intent key."""
         ...
 

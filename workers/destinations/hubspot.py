@@ -67,13 +67,14 @@ def load_property_map(path: str | None) -> dict[str, str]:
     try:
         mapping = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"HUBSPOT_PROPERTY_MAP {path!r} is not a readable JSON file: {error}")
+        raise ValueError(
+            f"HUBSPOT_PROPERTY_MAP {path!r} is not a readable JSON file: {error}"
+        ) from error
     if not isinstance(mapping, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
     ):
-        raise ValueError(
-            f'HUBSPOT_PROPERTY_MAP {path!r} must be a JSON object like {{"given_name": "firstname"}}'
-        )
+        example = '{"given_name": "firstname"}'
+        raise ValueError(f"HUBSPOT_PROPERTY_MAP {path!r} must be a JSON object like {example}")
     return mapping
 
 
@@ -243,17 +244,26 @@ class HubSpotDestination:
             chunk = emails[start : start + BATCH_LIMIT]
             keys = [i.key for i in plan.lookups if set(self._emails(i)) & set(chunk)]
             try:
-                found |= self._call(keys, lambda c=chunk: self.client.batch_read_by_email(c))
+                found |= self._read_by_email(keys, chunk)
             except (HubSpotBadRequest, HubSpotNotFound, HubSpotConflict) as error:
                 raise _BatchAborted(error) from error
         for intent in plan.lookups:
             match = next((found[e] for e in self._emails(intent) if e in found), None)
             self._plan_found(intent, match, plan, outcomes, owned_elsewhere)
 
+    def _read_by_email(self, keys: list[str], emails: list[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = self._call(
+            keys, lambda: self.client.batch_read_by_email(emails)
+        )
+        return found
+
     def _emails(self, intent: Intent) -> list[str]:
         user = intent.user
-        ordered = [user.email, user.previous_email] if user.deprovisioned else [
-            user.previous_email, user.email]
+        ordered = (
+            [user.email, user.previous_email]
+            if user.deprovisioned
+            else [user.previous_email, user.email]
+        )
         return [email for email in ordered if email]
 
     def _plan_found(
@@ -336,11 +346,11 @@ class HubSpotDestination:
         queued = [w.intent for w in plan.updates + plan.upserts + plan.archives]
         return [i for i in plan.lookups + queued + plan.relinks if i.key not in outcomes]
 
-    def _send_updates(self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
+    def _send_updates(
+        self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome]
+    ) -> None:
         def call(chunk: list[_Write]) -> BatchResult:
-            return self.client.batch_update(
-                [(w.intent.key, w.target, w.properties) for w in chunk]
-            )
+            return self.client.batch_update([(w.intent.key, w.target, w.properties) for w in chunk])
 
         for write, result in self._batches(writes, call, outcomes):
             if isinstance(result, HubSpotNotFound) and write.linked:
@@ -388,15 +398,17 @@ class HubSpotDestination:
     def _send_archives(self, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
         for start in range(0, len(writes), self.batch_size):
             chunk = writes[start : start + self.batch_size]
-            self._call(
-                [w.intent.key for w in chunk],
-                lambda c=chunk: self.client.batch_archive([w.target for w in c]),
-            )
+            self._archive([w.intent.key for w in chunk], [w.target for w in chunk])
             for write in chunk:
                 outcomes[write.intent.key] = self._success(
-                    write.intent, write.target, deprovisioned=True,
+                    write.intent,
+                    write.target,
+                    deprovisioned=True,
                     created=None if write.linked else False,
                 )
+
+    def _archive(self, keys: list[str], contact_ids: list[str]) -> None:
+        self._call(keys, lambda: self.client.batch_archive(contact_ids))
 
     def _batches(
         self,
@@ -485,7 +497,9 @@ class HubSpotDestination:
             reason=note,
             external_id=contact_id,
             created=created,
-            properties_hash=properties_hash(properties) if properties else intent.link.properties_hash,
+            properties_hash=properties_hash(properties)
+            if properties
+            else intent.link.properties_hash,
             email=(properties or {}).get("email") or intent.user.email or intent.link.last_email,
             deprovisioned=intent.user.deprovisioned if deprovisioned is None else deprovisioned,
         )
@@ -532,27 +546,40 @@ class _BatchAborted(Exception):
         error = self.error
         if isinstance(error, LimiterTimeout):
             return Outcome(
-                Verdict.RETRY, reason="limiter_busy", message=str(error),
-                counts_against_budget=False, retry_after=5.0,
+                Verdict.RETRY,
+                reason="limiter_busy",
+                message=str(error),
+                counts_against_budget=False,
+                retry_after=5.0,
             )
         assert isinstance(error, HubSpotError)
         if isinstance(error, HubSpotRateLimited):
             return Outcome(
-                Verdict.RETRY, reason=f"rate_limited:{error.policy_name or 'unknown'}",
-                message=_message(error), status_code=error.status,
-                counts_against_budget=False, retry_after=self.wait,
+                Verdict.RETRY,
+                reason=f"rate_limited:{error.policy_name or 'unknown'}",
+                message=_message(error),
+                status_code=error.status,
+                counts_against_budget=False,
+                retry_after=self.wait,
             )
         if isinstance(error, HubSpotAuthError) or (
             isinstance(error, HubSpotBadRequest) and error.missing_property
         ):
-            return Outcome(Verdict.PAUSE, reason="misconfigured", message=_message(error),
-                           status_code=error.status, counts_against_budget=False)
+            return Outcome(
+                Verdict.PAUSE,
+                reason="misconfigured",
+                message=_message(error),
+                status_code=error.status,
+                counts_against_budget=False,
+            )
         if isinstance(error, HubSpotBadRequest | HubSpotNotFound | HubSpotConflict):
-            return Outcome(Verdict.FAILED, reason="rejected", message=_message(error),
-                           status_code=error.status)
+            return Outcome(
+                Verdict.FAILED, reason="rejected", message=_message(error), status_code=error.status
+            )
         category = "timeout_or_connection" if error.status is None else "server_error"
-        return Outcome(Verdict.RETRY, reason=category, message=_message(error),
-                       status_code=error.status)
+        return Outcome(
+            Verdict.RETRY, reason=category, message=_message(error), status_code=error.status
+        )
 
 
 def _message(error: Exception) -> str:
@@ -572,4 +599,3 @@ def _summary(record: CallRecord) -> CallSummary:
         error_category=record.error_category,
         response_excerpt=scrub(record.response_excerpt) if record.response_excerpt else None,
     )
-
