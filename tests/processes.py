@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.fake_hubspot import FakeHubSpot
@@ -104,6 +104,14 @@ class ServiceStack:
                 session.scalar(select(func.count(Delivery.id)).where(Delivery.status == status))
                 or 0
             )
+
+    def reset(self) -> None:
+        """Empty the outbox and the fake HubSpot between property-test examples."""
+        with self.sessions() as session, session.begin():
+            session.execute(
+                text("TRUNCATE delivery_attempts, deliveries, events, links, destination_states")
+            )
+        self.hubspot.reset()
 
     def stop(self) -> None:
         self.http.close()
