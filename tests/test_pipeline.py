@@ -256,3 +256,36 @@ def test_bad_token_pauses_the_destination(pipeline: Pipeline) -> None:
     )
     assert pipeline.deliveries() == [("pending", None)]
     assert pipeline.client.get("/readyz").json["destinations"]["hubspot"].startswith("paused")
+
+
+def test_one_bad_input_in_a_batch_fails_alone(pipeline: Pipeline) -> None:
+    for n in range(8):
+        email = "broken address" if n == 3 else f"u{n}@example.com"
+        pipeline.post(auth0_event("user.created", f"auth0|{n}", email=email))
+    pipeline.drain()
+    statuses = pipeline.deliveries()
+    assert statuses.count(("succeeded", None)) == 7
+    assert statuses[3] == ("failed", "rejected")
+    # One upsert call for the seven and the bad one together: HubSpot split it (207).
+    upserts = [r for r in pipeline.hubspot.requests_log if r.path.endswith("batch/upsert")]
+    assert len(upserts) == 1
+
+
+def test_whole_batch_400_is_split_until_the_bad_input_is_alone(pipeline: Pipeline) -> None:
+    for n in range(8):
+        pipeline.post(auth0_event("user.created", f"auth0|{n}", email=f"u{n}@example.com"))
+    # Two whole-batch 400s: the batch is halved until each call goes through.
+    pipeline.hubspot.fail_next(2, status=400)
+    pipeline.drain()
+    assert pipeline.deliveries() == [("succeeded", None)] * 8
+    assert len(pipeline.hubspot.contacts()) == 8
+    assert len(pipeline.hubspot.requests_log) > 2
+
+
+def test_batches_group_users_into_few_calls(pipeline: Pipeline) -> None:
+    for n in range(50):
+        pipeline.post(auth0_event("user.created", f"auth0|{n}", email=f"u{n}@example.com"))
+    pipeline.drain()
+    assert len(pipeline.hubspot.contacts()) == 50
+    # One lookup and one upsert for fifty users.
+    assert len(pipeline.hubspot.requests_log) == 2

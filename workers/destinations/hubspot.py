@@ -243,18 +243,24 @@ class HubSpotDestination:
         for start in range(0, len(emails), BATCH_LIMIT):
             chunk = emails[start : start + BATCH_LIMIT]
             keys = [i.key for i in plan.lookups if set(self._emails(i)) & set(chunk)]
-            try:
-                found |= self._read_by_email(keys, chunk)
-            except (HubSpotBadRequest, HubSpotNotFound, HubSpotConflict) as error:
-                raise _BatchAborted(error) from error
+            found |= self._read_by_email(keys, chunk)
         for intent in plan.lookups:
             match = next((found[e] for e in self._emails(intent) if e in found), None)
             self._plan_found(intent, match, plan, outcomes, owned_elsewhere)
 
     def _read_by_email(self, keys: list[str], emails: list[str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = self._call(
-            keys, lambda: self.client.batch_read_by_email(emails)
-        )
+        """Contacts by email; a 400 is split until the email HubSpot refuses is alone."""
+        try:
+            found: dict[str, dict[str, Any]] = self._call(
+                keys, lambda: self.client.batch_read_by_email(emails)
+            )
+        except (HubSpotBadRequest, HubSpotNotFound, HubSpotConflict):
+            if len(emails) == 1:
+                return {}  # unreadable is absent: the write that follows reports why
+            middle = len(emails) // 2
+            return self._read_by_email(keys, emails[:middle]) | self._read_by_email(
+                keys, emails[middle:]
+            )
         return found
 
     def _emails(self, intent: Intent) -> list[str]:
