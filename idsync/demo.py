@@ -64,7 +64,8 @@ def run_up(port: int) -> int:
     try:
         start_services(stack, port)
         console.print(f"[bold green]idsync is up.[/] Webhook: http://127.0.0.1:{port}/events/auth0")
-        console.print(f"Ingest token (Authorization: Bearer ...): [bold]{token}[/]")
+        console.print("Auth0 sends the token as: Authorization: Bearer <token>")
+        console.print(f"Ingest token: [bold]{token}[/]")
         if not os.environ.get("HUBSPOT_TOKEN"):
             console.print("HUBSPOT_TOKEN is not set: HubSpot stays paused; events queue up.")
         console.print("Logs: ingest.log, worker.log, beat.log. Ctrl-C stops everything.")
