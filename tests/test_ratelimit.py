@@ -87,3 +87,20 @@ def test_local_limiter_keeps_the_rolling_window() -> None:
     with pytest.raises(LimiterTimeout):
         for _ in range(10):
             limiter.acquire(timeout=0.01)
+
+
+def test_waiting_for_capacity_takes_no_slot(redis_prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    name = f"{redis_prefix}:peek"
+    limiter = RedisRateLimiter(client, name=name, limit=2, window=10)
+    for _ in range(5):
+        assert limiter.wait_for_capacity(timeout=0.1)
+    limiter.acquire(timeout=1)
+    limiter.acquire(timeout=1)
+    assert not limiter.wait_for_capacity(timeout=0.2)
+    client.close()
+    flush_prefix(REDIS_URL, name)
+    local = LocalRateLimiter(limit=1, window=10)
+    assert local.wait_for_capacity(timeout=0.1) and local.wait_for_capacity(timeout=0.1)
+    local.acquire(timeout=1)
+    assert not local.wait_for_capacity(timeout=0.1)

@@ -31,16 +31,20 @@ class RateLimiter(Protocol):
 
     def block_for(self, seconds: float) -> None: ...
 
+    def wait_for_capacity(self, timeout: float) -> bool: ...
+
 
 _ACQUIRE = """
 local key, block_key = KEYS[1], KEYS[2]
 local limit, window_us, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local peek = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local blocked_until = tonumber(redis.call('GET', block_key) or '0')
 if blocked_until > now then return blocked_until - now end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_us)
 if redis.call('ZCARD', key) < limit then
+  if peek then return 0 end
   redis.call('ZADD', key, now, member)
   redis.call('PEXPIRE', key, math.ceil(window_us / 1000) + 1000)
   return 0
@@ -73,25 +77,36 @@ class RedisRateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._block = client.register_script(_BLOCK)
 
-    def acquire(self, timeout: float) -> None:
-        """Take one request slot, waiting up to ``timeout`` seconds."""
+    def _wait_us(self, *, peek: bool) -> int:
+        try:
+            return int(
+                self._acquire(
+                    keys=[self.key, self.block_key],
+                    args=[self.limit, self.window_us, uuid.uuid4().hex, "1" if peek else "0"],
+                )
+            )
+        except Exception:  # fail closed: no Redis, no request
+            return 500_000
+
+    def _poll(self, timeout: float, *, peek: bool) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                wait_us = int(
-                    self._acquire(
-                        keys=[self.key, self.block_key],
-                        args=[self.limit, self.window_us, uuid.uuid4().hex],
-                    )
-                )
-            except Exception:
-                wait_us = 500_000
+            wait_us = self._wait_us(peek=peek)
             if wait_us <= 0:
-                return
+                return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+                return False
             time.sleep(min(wait_us / 1_000_000, remaining, 1.0))
+
+    def acquire(self, timeout: float) -> None:
+        """Take one request slot, waiting up to ``timeout`` seconds."""
+        if not self._poll(timeout, peek=False):
+            raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+
+    def wait_for_capacity(self, timeout: float) -> bool:
+        """Wait until a slot is free, without taking it (before claiming work)."""
+        return self._poll(timeout, peek=True)
 
     def block_for(self, seconds: float) -> None:
         """Stop every worker from sending for ``seconds`` (after a 429, say)."""
@@ -110,26 +125,34 @@ class LocalRateLimiter:
         self._blocked_until = 0.0
         self._lock = threading.Lock()
 
-    def _wait(self, now: float) -> float:
+    def _wait(self, now: float, *, peek: bool) -> float:
         if self._blocked_until > now:
             return self._blocked_until - now
         while self._sent and self._sent[0] <= now - self.window:
             self._sent.popleft()
         if len(self._sent) < self.limit:
-            self._sent.append(now)
+            if not peek:
+                self._sent.append(now)
             return 0.0
         return self._sent[0] + self.window - now
 
-    def acquire(self, timeout: float) -> None:
+    def _poll(self, timeout: float, *, peek: bool) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                wait = self._wait(time.monotonic())
+                wait = self._wait(time.monotonic(), peek=peek)
             if wait <= 0:
-                return
+                return True
             if time.monotonic() + wait > deadline:
-                raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+                return False
             time.sleep(min(wait, 1.0))
+
+    def acquire(self, timeout: float) -> None:
+        if not self._poll(timeout, peek=False):
+            raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+
+    def wait_for_capacity(self, timeout: float) -> bool:
+        return self._poll(timeout, peek=True)
 
     def block_for(self, seconds: float) -> None:
         with self._lock:

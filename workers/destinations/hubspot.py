@@ -56,7 +56,8 @@ DEFAULT_PROPERTY_MAP = {
     "phone_number": "phone",
 }
 BATCH_LIMIT = 100
-# A worker waits this long at most for a request slot while it holds claims.
+# A worker holding claims waits at most this long for a request slot, and never
+# more than a quarter of its lease, so that no claim expires while it waits.
 LIMITER_WAIT_SECONDS = 20.0
 
 
@@ -152,6 +153,7 @@ class HubSpotDestination:
         self.limiter = limiter
         self.mapping = load_property_map(settings.hubspot_property_map)
         self.batch_size = settings.hubspot_batch_size
+        self.limiter_wait = min(LIMITER_WAIT_SECONDS, settings.lease_seconds / 4)
         self._records: list[CallRecord] = []
         self._on_rate_limit_info = on_rate_limit_info
         self.client = client or HubSpotClient(
@@ -454,7 +456,7 @@ class HubSpotDestination:
     def _call(self, keys: list[str], send: Callable[[], Any]) -> Any:
         """Send one request under the shared rate limit, recording it for ``keys``."""
         try:
-            self.limiter.acquire(LIMITER_WAIT_SECONDS)
+            self.limiter.acquire(self.limiter_wait)
         except LimiterTimeout as error:
             raise _BatchAborted(error) from error
         self._records.clear()
@@ -531,7 +533,7 @@ class HubSpotDestination:
         if not self.settings.hubspot_token:
             return "HUBSPOT_TOKEN is not set"
         try:
-            self.limiter.acquire(LIMITER_WAIT_SECONDS)
+            self.limiter.acquire(self.limiter_wait)
             self.client.get_contact_by_email("idsync-probe@example.invalid")
         except (HubSpotAuthError, HubSpotBadRequest) as error:
             return _message(error)
