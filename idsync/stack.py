@@ -6,6 +6,7 @@ commands that docker-compose runs, through this one class.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,23 +41,52 @@ def migrate_command() -> list[str]:
 
 
 def ingest_command(port: int, workers: int = 2) -> list[str]:
+    # The children run in their own working directory, so name the config file:
+    # it makes the logs JSON and sums /metrics over the gunicorn workers.
     return [
-        _bin("gunicorn"), "ingest:create_app()", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "--no-control-socket", "--access-logfile", "-",
+        _bin("gunicorn"),
+        "ingest:create_app()",
+        "--config",
+        str(ROOT / "gunicorn.conf.py"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--no-control-socket",
+        "--access-logfile",
+        "-",
     ]
 
 
 def worker_command(concurrency: int = 2, name: str = "worker") -> list[str]:
     return [
-        _bin("celery"), "-A", "workers", "worker", "-E", "--loglevel", "INFO",
-        "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-        "--without-gossip", "--without-mingle",
+        _bin("celery"),
+        "-A",
+        "workers",
+        "worker",
+        "-E",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
 def beat_command(schedule_file: Path) -> list[str]:
-    return [_bin("celery"), "-A", "workers", "beat", "--loglevel", "INFO",
-            "--schedule", str(schedule_file)]
+    return [
+        _bin("celery"),
+        "-A",
+        "workers",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--schedule",
+        str(schedule_file),
+    ]
 
 
 @dataclass
@@ -84,8 +114,12 @@ class Stack:
     def run(self, command: list[str], timeout: float = 120) -> None:
         """Run a one-shot command (the migration) and fail loudly if it fails."""
         result = subprocess.run(
-            command, cwd=self.workdir, env=self._environment(), capture_output=True,
-            timeout=timeout, check=False,
+            command,
+            cwd=self.workdir,
+            env=self._environment(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(
@@ -98,8 +132,12 @@ class Stack:
         log_path = self.workdir / f"{name}.log"
         log_file = log_path.open("ab")
         process = subprocess.Popen(
-            command, cwd=self.workdir, env=self._environment(), stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            cwd=self.workdir,
+            env=self._environment(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         child = Child(name, process, log_path, log_file)
         self.children[name] = child
@@ -129,7 +167,9 @@ class Stack:
             if text in self.log(name):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"{name} did not log {text!r} within {timeout}s:\n{self.log(name)[-2000:]}")
+        raise TimeoutError(
+            f"{name} did not log {text!r} within {timeout}s:\n{self.log(name)[-2000:]}"
+        )
 
     def check_alive(self) -> None:
         for child in self.children.values():
@@ -142,10 +182,8 @@ class Stack:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a child's whole process group and forget it."""
         child = self.children.pop(name)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, sig)
-        except ProcessLookupError:
-            pass
         child.process.wait(timeout=30)
         child.log_file.close()
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest.metrics import exposition
+from ingest.metrics import OutboxCollector, exposition
 from models.tables import DestinationState
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("health", __name__)
 
 
@@ -24,7 +26,7 @@ def _broker_state(state: Any) -> str:
     try:
         with state.waker.celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=1)
-    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as error:  # any failure means "not reachable"
         return f"unreachable: {type(error).__name__}"
     return "ok"
 
@@ -63,6 +65,19 @@ def readyz() -> tuple[Response, int]:
 
 @blueprint.get("/metrics")
 def metrics() -> Response:
-    """Prometheus exposition."""
-    body, content_type = exposition()
+    """Prometheus exposition: this ingest's counters, then the outbox as it is now."""
+    state = current_app.extensions["idsync"]
+    outbox = OutboxCollector(
+        sessions=state.sessions, settings=state.settings, redis=_redis_or_none(state)
+    )
+    body, content_type = exposition(outbox)
     return Response(body, content_type=content_type)
+
+
+def _redis_or_none(state: Any) -> Any:
+    """The waker's Redis client (short timeouts), where HubSpot's headroom is kept."""
+    try:
+        return state.waker.redis
+    except Exception as error:  # a bad REDIS_URL only hides the headroom
+        log.warning("metrics: no Redis client (%s)", type(error).__name__)
+        return None

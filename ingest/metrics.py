@@ -1,8 +1,27 @@
-"""Prometheus metrics of the ingest process (multiprocess-safe under gunicorn)."""
+"""Prometheus metrics of idsync, served by ingest's ``GET /metrics``.
+
+Two kinds of numbers:
+
+- Counters of what this ingest answered (``idsync_events_received_total``).
+  Under gunicorn they live in prometheus_client's multiprocess files (see
+  ``gunicorn.conf.py``), so a scrape sums every worker and a restarted worker
+  does not reset them.
+- The state of the outbox, read at scrape time by :class:`OutboxCollector`
+  from the database and Redis, which every process on every machine shares:
+  backlog, oldest pending delivery, pauses, recent attempts and HubSpot's
+  rate-limit headroom. Nothing of it is kept in process memory, so no process
+  can report a stale value, and every ingest process reports the same numbers
+  (aggregate them across instances with ``max``, not ``sum``).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -11,12 +30,60 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from sqlalchemy import case, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from idsync.settings import Settings
+from models.db import db_now
+from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, DestinationState
+
+log = logging.getLogger(__name__)
 
 EVENTS_RECEIVED = Counter(
     "idsync_events_received_total",
     "Webhook deliveries by outcome (accepted, duplicate, ignored, rejected) and HTTP status.",
     ["outcome", "status_code"],
 )
+
+# Attempt latency and retries are read from the newest delivery_attempts rows:
+# those of the last ATTEMPT_WINDOW_SECONDS, and never more than ATTEMPT_WINDOW_ROWS
+# of them (a range of the primary key), so a scrape costs the same at any table size.
+ATTEMPT_WINDOW_SECONDS = 300
+ATTEMPT_WINDOW_ROWS = 50_000
+ATTEMPT_BUCKETS_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A scrape must not hang on a locked or overloaded database (PostgreSQL only).
+SCRAPE_STATEMENT_TIMEOUT_MS = 5000
+
+UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS)
+RATE_LIMIT_FIELDS = {
+    # hash field written by workers -> (metric suffix, help, scale)
+    "max": ("max", "X-HubSpot-RateLimit-Max: requests allowed per interval.", 1.0),
+    "remaining": (
+        "remaining",
+        "X-HubSpot-RateLimit-Remaining: requests left in the interval (newest any worker saw).",
+        1.0,
+    ),
+    "interval_ms": (
+        "interval_seconds",
+        "X-HubSpot-RateLimit-Interval-Milliseconds, in seconds.",
+        0.001,
+    ),
+    "daily": ("daily_max", "X-HubSpot-RateLimit-Daily: requests allowed per day.", 1.0),
+    "daily_remaining": (
+        "daily_remaining",
+        "X-HubSpot-RateLimit-Daily-Remaining: requests left today.",
+        1.0,
+    ),
+}
+
+
+def hubspot_ratelimit_key(settings: Settings) -> str:
+    """The Redis hash where workers leave the newest ``X-HubSpot-RateLimit-*`` values."""
+    return f"{settings.redis_key_prefix}:hubspot:ratelimit"
 
 
 class IngestMetrics:
@@ -26,16 +93,257 @@ class IngestMetrics:
         EVENTS_RECEIVED.labels(outcome=outcome, status_code=str(status_code)).inc()
 
 
-def exposition(extra: CollectorRegistry | None = None) -> tuple[bytes, str]:
-    """The Prometheus text for this process, summed over gunicorn workers if needed."""
+def exposition(*collectors: Collector) -> tuple[bytes, str]:
+    """Prometheus text: this ingest's counters (every gunicorn worker's), then ``collectors``.
+
+    The registry is built for this one scrape, so collectors read fresh values
+    and nothing they produce outlives the request.
+    """
+    registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        body = b""
     else:
         from prometheus_client import REGISTRY
 
-        registry = REGISTRY
-    body = generate_latest(registry)
-    if extra is not None:
-        body += generate_latest(extra)
-    return body, CONTENT_TYPE_LATEST
+        body = generate_latest(REGISTRY)
+    for collector in collectors:
+        registry.register(collector)
+    return body + generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+@dataclass
+class _DestinationFigures:
+    """What one scrape learns about one destination."""
+
+    by_status: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in DeliveryStatus})
+    oldest_pending_age: float = 0.0
+    overdue: float = 0.0
+    paused: bool = False
+
+
+@dataclass
+class _AttemptFigures:
+    """Recent attempts of one (destination, outcome): latency buckets and error categories."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(ATTEMPT_BUCKETS_SECONDS))
+    count: int = 0
+    seconds: float = 0.0
+    categories: dict[str, int] = field(default_factory=dict)
+
+
+class OutboxCollector(Collector):
+    """Reads the outbox and HubSpot's headroom at scrape time; register it per scrape."""
+
+    def __init__(
+        self, *, sessions: sessionmaker[Session], settings: Settings, redis: Any = None
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.redis = redis
+
+    def collect(self) -> Iterator[Metric]:
+        """Every outbox metric family; nothing of the database's when it does not answer."""
+        up = GaugeMetricFamily(
+            "idsync_outbox_up", "1 when this scrape could read the outbox database, else 0."
+        )
+        try:
+            with self.sessions() as session, session.begin():
+                destinations, attempts = self._read(session)
+        except SQLAlchemyError as error:
+            log.warning("metrics: outbox not readable (%s)", type(error).__name__)
+            up.add_metric([], 0)
+            yield up
+        else:
+            up.add_metric([], 1)
+            yield up
+            yield from self._destination_metrics(destinations)
+            yield from self._attempt_metrics(attempts)
+        yield from self._rate_limit_metrics()
+
+    # Reading
+
+    def _read(
+        self, session: Session
+    ) -> tuple[dict[str, _DestinationFigures], dict[tuple[str, str], _AttemptFigures]]:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}"))
+        now = db_now(session)
+        destinations = {name: _DestinationFigures() for name in self.settings.destinations}
+
+        def figures(name: str) -> _DestinationFigures:
+            return destinations.setdefault(name, _DestinationFigures())
+
+        counts = session.execute(
+            select(Delivery.destination, Delivery.status, func.count()).group_by(
+                Delivery.destination, Delivery.status
+            )
+        )
+        for name, status, count in counts:
+            figures(name).by_status[DeliveryStatus(status).value] = int(count)
+        oldest = session.execute(
+            select(
+                Delivery.destination,
+                func.min(Delivery.created_at),
+                func.min(
+                    case(
+                        (Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at),
+                        else_=None,
+                    )
+                ),
+            )
+            # Naming the destinations lets the claim index (destination, status, ...) answer.
+            .where(Delivery.destination.in_(self.settings.destinations))
+            .where(Delivery.status.in_(UNFINISHED))
+            .group_by(Delivery.destination)
+        )
+        for name, created_at, due_at in oldest:
+            figures(name).oldest_pending_age = _seconds_between(created_at, now)
+            figures(name).overdue = _seconds_between(due_at, now)
+        states = {row.name: row for row in session.scalars(select(DestinationState))}
+        for name, dest in destinations.items():
+            stored = states.get(name)
+            # The same rule as /readyz and the workers: no HubSpot token means paused.
+            unconfigured = name == "hubspot" and not self.settings.hubspot_token
+            dest.paused = unconfigured or bool(stored and stored.paused)
+        return destinations, self._read_attempts(session, now)
+
+    def _read_attempts(
+        self, session: Session, now: datetime
+    ) -> dict[tuple[str, str], _AttemptFigures]:
+        newest = session.scalar(select(func.max(DeliveryAttempt.id)))
+        if newest is None:
+            return {}
+        buckets = [
+            func.sum(case((DeliveryAttempt.duration_ms <= bound * 1000, 1), else_=0))
+            for bound in ATTEMPT_BUCKETS_SECONDS
+        ]
+        rows = session.execute(
+            select(
+                Delivery.destination,
+                DeliveryAttempt.outcome,
+                DeliveryAttempt.error_category,
+                func.count(),
+                func.coalesce(func.sum(DeliveryAttempt.duration_ms), 0),
+                *buckets,
+            )
+            .join(Delivery, Delivery.id == DeliveryAttempt.delivery_id)
+            .where(
+                DeliveryAttempt.id > newest - ATTEMPT_WINDOW_ROWS,
+                DeliveryAttempt.started_at >= now - timedelta(seconds=ATTEMPT_WINDOW_SECONDS),
+            )
+            .group_by(Delivery.destination, DeliveryAttempt.outcome, DeliveryAttempt.error_category)
+        )
+        attempts: dict[tuple[str, str], _AttemptFigures] = {}
+        for name, outcome, category, count, total_ms, *in_buckets in rows:
+            figures = attempts.setdefault((name, outcome), _AttemptFigures())
+            figures.count += int(count)
+            figures.seconds += float(total_ms) / 1000
+            figures.buckets = [
+                total + int(more or 0)
+                for total, more in zip(figures.buckets, in_buckets, strict=True)
+            ]
+            label = category or "none"
+            figures.categories[label] = figures.categories.get(label, 0) + int(count)
+        return attempts
+
+    # Metric families
+
+    @staticmethod
+    def _destination_metrics(destinations: dict[str, _DestinationFigures]) -> Iterable[Metric]:
+        deliveries = GaugeMetricFamily(
+            "idsync_deliveries",
+            "Deliveries in the outbox by destination and status, now.",
+            labels=["destination", "status"],
+        )
+        backlog = GaugeMetricFamily(
+            "idsync_outbox_backlog",
+            "Deliveries not finished yet (pending + in_progress).",
+            labels=["destination"],
+        )
+        oldest = GaugeMetricFamily(
+            "idsync_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unfinished delivery (since its event was stored); 0 when none.",
+            labels=["destination"],
+        )
+        overdue = GaugeMetricFamily(
+            "idsync_outbox_overdue_seconds",
+            "How long the most overdue pending delivery has been due without being claimed.",
+            labels=["destination"],
+        )
+        paused = GaugeMetricFamily(
+            "idsync_destination_paused",
+            "1 while the destination is paused (see /readyz for why), else 0.",
+            labels=["destination"],
+        )
+        for name, figures in sorted(destinations.items()):
+            for status, count in figures.by_status.items():
+                deliveries.add_metric([name, status], count)
+            unfinished = sum(figures.by_status[s.value] for s in UNFINISHED)
+            backlog.add_metric([name], unfinished)
+            oldest.add_metric([name], figures.oldest_pending_age)
+            overdue.add_metric([name], figures.overdue)
+            paused.add_metric([name], 1 if figures.paused else 0)
+        return [deliveries, backlog, oldest, overdue, paused]
+
+    @staticmethod
+    def _attempt_metrics(attempts: dict[tuple[str, str], _AttemptFigures]) -> Iterable[Metric]:
+        window = f"in the last {ATTEMPT_WINDOW_SECONDS} s"
+        duration = GaugeHistogramMetricFamily(
+            "idsync_delivery_attempt_duration_seconds",
+            f"Duration of the HTTP calls made for deliveries {window}, by outcome "
+            "(a gauge histogram of a sliding window: use histogram_quantile without rate).",
+            labels=["destination", "outcome"],
+        )
+        recent = GaugeMetricFamily(
+            "idsync_delivery_attempts_recent",
+            f"Delivery attempts {window} by outcome and error category; "
+            'outcome="retry" are the retries.',
+            labels=["destination", "outcome", "error_category"],
+        )
+        for (name, outcome), figures in sorted(attempts.items()):
+            bounds = [_bound_label(bound) for bound in ATTEMPT_BUCKETS_SECONDS]
+            buckets = [*zip(bounds, figures.buckets, strict=True), ("+Inf", figures.count)]
+            duration.add_metric([name, outcome], buckets, figures.seconds)
+            for category, count in sorted(figures.categories.items()):
+                recent.add_metric([name, outcome, category], count)
+        return [duration, recent]
+
+    def _rate_limit_metrics(self) -> Iterable[Metric]:
+        if self.redis is None or "hubspot" not in self.settings.destinations:
+            return []
+        try:
+            pipeline = self.redis.pipeline(transaction=False)
+            pipeline.hgetall(hubspot_ratelimit_key(self.settings))
+            pipeline.time()
+            stored, (seconds, microseconds) = pipeline.execute()
+        except Exception as error:  # no Redis: the headroom is unknown, not an error
+            log.warning(
+                "metrics: HubSpot rate-limit headroom not readable (%s)", type(error).__name__
+            )
+            return []
+        values = {key.decode(): value.decode() for key, value in stored.items()}
+        families: list[Metric] = []
+        for name, (suffix, help_text, scale) in RATE_LIMIT_FIELDS.items():
+            if name in values:
+                family = GaugeMetricFamily(f"idsync_hubspot_ratelimit_{suffix}", help_text)
+                family.add_metric([], float(values[name]) * scale)
+                families.append(family)
+        if "updated_at" in values:
+            age = GaugeMetricFamily(
+                "idsync_hubspot_ratelimit_age_seconds",
+                "Seconds since a worker last saw HubSpot's rate-limit headers.",
+            )
+            age.add_metric([], max(0.0, seconds + microseconds / 1e6 - float(values["updated_at"])))
+            families.append(age)
+        return families
+
+
+def _seconds_between(earlier: datetime | None, now: datetime) -> float:
+    if earlier is None:
+        return 0.0
+    return max(0.0, (now - earlier).total_seconds())
+
+
+def _bound_label(bound: float) -> str:
+    return floatToGoString(bound)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -137,9 +139,24 @@ def run_batch(
     with transaction(sessions) as session:
         now = db_now(session)
         for plan in plans:
-            _record_user(session, settings, claim, plan, outcomes, now, rng, report)
+            with _bound(plan.newest or _first(plan)):
+                _record_user(session, settings, claim, plan, outcomes, now, rng, report)
         _pause_if_asked(session, settings, destination.name, outcomes)
     return report
+
+
+def _first(plan: _UserPlan) -> Delivery | None:
+    deliveries = plan.stale or plan.work.lost
+    return deliveries[0] if deliveries else None
+
+
+def _bound(delivery: Delivery | None) -> AbstractContextManager[None]:
+    """Log lines written while recording ``delivery`` name it and its Auth0 event."""
+    if delivery is None:
+        return structlog.contextvars.bound_contextvars()
+    return structlog.contextvars.bound_contextvars(
+        delivery_id=delivery.id, event_id=delivery.event.event_id
+    )
 
 
 def _ownership_check(
@@ -164,10 +181,13 @@ def _ownership_check(
 def _pause_if_asked(
     session: Session, settings: Settings, name: str, outcomes: dict[str, Outcome]
 ) -> None:
-    pause = next((o for o in outcomes.values() if o.verdict is Verdict.PAUSE), None)
+    key, pause = next(
+        ((k, o) for k, o in outcomes.items() if o.verdict is Verdict.PAUSE), (None, None)
+    )
     if pause is None:
         return
-    log.error("destination %s paused: %s", name, pause.message)
+    with structlog.contextvars.bound_contextvars(delivery_id=int(key) if key else None):
+        log.error("destination %s paused: %s", name, pause.message)
     set_paused(
         session=session,
         name=name,

@@ -39,8 +39,11 @@ def build_destination(name: str, settings: Settings, limiter: RateLimiter) -> De
     """The adapter of one destination by name."""
     if name == "hubspot":
         from workers.destinations.hubspot import HubSpotDestination
+        from workers.metrics import RateLimitReporter
 
-        return HubSpotDestination(settings, limiter)
+        return HubSpotDestination(
+            settings, limiter, on_rate_limit_info=RateLimitReporter.from_settings(settings)
+        )
     raise ValueError(f"unknown destination {name!r}")
 
 

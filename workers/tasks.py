@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from typing import Any
 
 import structlog
+from celery import signals
 
+from idsync.logs import configure_logging
+from idsync.settings import Settings
 from ingest.publish import DELIVER_TASK, wakeup_key
 from models.db import transaction
 from models.outbox import has_due_work
@@ -17,6 +22,39 @@ from workers.maintenance import probe_paused, purge_finished
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
+
+
+@signals.setup_logging.connect
+def _json_logs(loglevel: int | None = None, **_: Any) -> None:
+    """Worker and beat log JSON through ``idsync.logs`` instead of Celery's own format.
+
+    Celery imports this module (the app's ``include``) before it sets up logging,
+    in the worker and in beat; connecting here replaces Celery's handlers.
+    """
+    role = "beat" if "beat" in sys.argv[1:] else "worker"
+    settings = Settings()
+    configure_logging(
+        role,
+        loglevel or logging.INFO,
+        secrets=[
+            *settings.ingest_token,
+            settings.hubspot_token,
+            settings.admin_token,
+            settings.secret_key,
+        ],
+    )
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """Every line a task logs names the task; nothing of the previous task remains."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
+
+
+@signals.task_postrun.connect
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
 
 
 def wake(destination: str) -> None:
@@ -53,7 +91,7 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
         wake(destination)  # more work remains: hand over to a fresh message
         return handled
     finally:
-        structlog.contextvars.unbind_contextvars("task_id", "destination")
+        structlog.contextvars.unbind_contextvars("destination")
 
 
 @app.task(name="idsync.sweep", ignore_result=True)
@@ -61,13 +99,14 @@ def sweep() -> None:
     """Re-publish due or orphaned work, and probe paused destinations."""
     rt = runtime()
     for destination in rt.settings.destinations:
-        probe_paused(rt, destination)
-        with transaction(rt.sessions) as session:
-            due = not is_paused(session, rt.settings, destination) and has_due_work(
-                session=session, destination=destination
-            )
-        if due:
-            wake(destination)
+        with structlog.contextvars.bound_contextvars(destination=destination):
+            probe_paused(rt, destination)
+            with transaction(rt.sessions) as session:
+                due = not is_paused(session, rt.settings, destination) and has_due_work(
+                    session=session, destination=destination
+                )
+            if due:
+                wake(destination)
 
 
 @app.task(name="idsync.purge", ignore_result=True)
