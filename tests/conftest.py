@@ -18,11 +18,11 @@ from alembic import command
 from alembic.config import Config
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import text
 
 from idsync.settings import Settings
 from models.db import make_engine, make_session_factory
 from tests.pipeline import hubspot, pipeline  # noqa: F401 - shared fixtures
+from tests.processes import empty_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "auth0"  # real Auth0 payloads; see their README
@@ -40,7 +40,6 @@ hypothesis_settings.register_profile(
 )
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-TABLES = ("delivery_attempts", "deliveries", "events", "links", "quarantine", "destination_states")
 
 
 def migrate(url: str) -> None:
@@ -67,6 +66,40 @@ def database_url(run_id: str) -> Iterator[str]:
     yield url
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def template_database(run_id: str) -> Iterator[str]:
+    """A migrated database nobody connects to, copied for tests that need their own."""
+    name = f"idsync_test_{run_id}_template"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    migrate(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    yield name
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def isolated_database_url(template_database: str) -> Iterator[str]:
+    """A database of this test's own, for a test that runs its own idsync processes.
+
+    The session's shared process stack (see ``e2e_stack``) sweeps the shared
+    database; a test with its own workers must not have its rows taken by those.
+    """
+    name = f"{template_database[: -len('_template')]}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In-process tests first: once the shared process stack runs, its sweep would
+    deliver their outbox rows to its own fake HubSpot."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -105,8 +138,7 @@ def db(database_url: str) -> Iterator[None]:
     """Empty every table after the test, so each test starts from nothing."""
     yield
     engine = make_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    empty_tables(engine)
     engine.dispose()
 
 

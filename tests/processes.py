@@ -20,7 +20,8 @@ from typing import Any
 
 import redis
 import requests
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.fake_hubspot import FakeHubSpot
@@ -28,6 +29,14 @@ from idsync.stack import Stack, beat_command, free_port, ingest_command, worker_
 from models.tables import FINISHED, Delivery, DeliveryStatus
 
 INGEST_TOKEN = "test-ingest-token"
+OUTBOX_TABLES = (
+    "delivery_attempts",
+    "deliveries",
+    "events",
+    "links",
+    "quarantine",
+    "destination_states",
+)
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
@@ -107,15 +116,28 @@ class ServiceStack:
 
     def reset(self) -> None:
         """Empty the outbox and the fake HubSpot between property-test examples."""
-        with self.sessions() as session, session.begin():
-            session.execute(
-                text("TRUNCATE delivery_attempts, deliveries, events, links, destination_states")
-            )
+        empty_tables(self.sessions.kw["bind"])
         self.hubspot.reset()
 
     def stop(self) -> None:
         self.http.close()
         self.stack.stop_all()
+
+
+def empty_tables(engine: Engine) -> None:
+    """TRUNCATE every table; live workers may hold locks, so retry a deadlock."""
+    for attempt in range(5):
+        try:
+            with engine.begin() as connection:
+                connection.execute(text("SET LOCAL lock_timeout = '5s'"))
+                connection.execute(
+                    text(f"TRUNCATE {', '.join(OUTBOX_TABLES)} RESTART IDENTITY CASCADE")
+                )
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def flush_prefix(url: str, prefix: str, keep: tuple[str, ...] = ()) -> None:

@@ -28,8 +28,9 @@ def _rabbitmq_answers() -> bool:
 
 @pytest.mark.skipif(not _rabbitmq_answers(), reason="no RabbitMQ on 127.0.0.1:5672")
 def test_rabbitmq_broker_with_the_redis_rate_limiter(
-    database_url: str, db: None, redis_prefix: str, tmp_path: Path
+    isolated_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
+    database_url = isolated_database_url
     engine = make_engine(database_url)
     prefix = f"{redis_prefix}-amqp"  # its own queue name and limiter keys
     with FakeHubSpot(token="fake-token") as hubspot:

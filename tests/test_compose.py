@@ -326,11 +326,11 @@ def stacks() -> Iterator[Callable[[Mapping[str, str], Path], Stack]]:
 
 def test_each_service_runs_its_compose_command(
     stacks: Callable[[Mapping[str, str], Path], Stack],
-    database_url: str,
+    isolated_database_url: str,
     redis_prefix: str,
     tmp_path: Path,
-    db: None,
 ) -> None:
+    database_url = isolated_database_url
     services = compose()["services"]
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()

@@ -28,8 +28,9 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def test_events_accepted_while_the_broker_is_down_are_delivered_after(
-    database_url: str, db: None, private_redis: PrivateRedis, tmp_path: Path
+    isolated_database_url: str, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
+    database_url = isolated_database_url
     engine = make_engine(database_url)
     with FakeHubSpot(token="fake-token") as hubspot:
         stack = ServiceStack(
