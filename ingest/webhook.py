@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+import structlog
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -63,6 +64,7 @@ def _source_allowed(document: dict[str, Any]) -> bool:
 @blueprint.post("/events/auth0")
 def receive_auth0_event() -> tuple[Response, int]:
     """Store one CloudEvent from an Auth0 Event Stream."""
+    structlog.contextvars.clear_contextvars()
     state = current_app.extensions["idsync"]
     if not secret_matches(
         presented_secret(request.headers.get("Authorization")), state.settings.ingest_token
@@ -86,6 +88,7 @@ def receive_auth0_event() -> tuple[Response, int]:
         if not _source_allowed(document):
             return _reject(403, "this event source is not in INGEST_ALLOWED_SOURCES")
         event = to_new_event(document, body)
+        structlog.contextvars.bind_contextvars(event_id=event.event_id)
     except InvalidEvent as error:
         _quarantine(body, str(error), document)
         return _reject(422, str(error))

@@ -597,6 +597,7 @@ def delivery_view(delivery: Delivery) -> dict[str, Any]:
         "last_error": delivery.last_error,
         "last_status_code": delivery.last_status_code,
         "external_id": delivery.external_id,
+        "task_id": delivery.task_id,
         "created_at": _time(delivery.created_at),
         "updated_at": _time(delivery.updated_at),
         "finished_at": _time(delivery.finished_at),

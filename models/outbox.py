@@ -168,6 +168,7 @@ def claim_due(
     max_users: int,
     lease: timedelta,
     max_reclaims: int,
+    task_id: str | None = None,
 ) -> Claim:
     """Take up to ``max_users`` users with due work, each with all its due deliveries.
 
@@ -221,6 +222,7 @@ def claim_due(
             lease_token=token,
             lease_expires_at=expires_at,
             updated_at=now,
+            task_id=task_id,
         )
         .execution_options(synchronize_session=False)
     )

@@ -117,6 +117,8 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     external_id: Mapped[str | None] = mapped_column(String(64))
+    # The Celery task that last claimed it: open it in Flower at /task/<task_id>.
+    task_id: Mapped[str | None] = mapped_column(String(155))
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

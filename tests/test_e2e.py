@@ -116,6 +116,8 @@ def test_server_errors_are_retried_and_bad_input_fails(e2e: ServiceStack) -> Non
     assert rows["auth0|retry"].status is DeliveryStatus.SUCCEEDED
     assert rows["auth0|retry"].attempts >= 2
     assert rows["auth0|bad"].status is DeliveryStatus.FAILED
+    # The Celery task that handled it, as Flower shows it at /task/<id>.
+    assert uuid.UUID(rows["auth0|bad"].task_id or "")
     assert rows["auth0|bad"].reason == "rejected"
     assert "INVALID_EMAIL" in (rows["auth0|bad"].last_error or "")
 

@@ -289,3 +289,21 @@ def test_batches_group_users_into_few_calls(pipeline: Pipeline) -> None:
     assert len(pipeline.hubspot.contacts()) == 50
     # One lookup and one upsert for fifty users.
     assert len(pipeline.hubspot.requests_log) == 2
+
+
+def test_a_rejected_input_of_a_207_keeps_its_own_error_on_its_attempt(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.post(auth0_event("user.created", "auth0|ok", email="ok@example.com"))
+    pipeline.post(auth0_event("user.created", "auth0|bad", email="bad address"))
+    pipeline.drain()
+    with pipeline.sessions() as session:
+        rows = session.execute(
+            select(Delivery.subject, DeliveryAttempt.error_category, DeliveryAttempt.status_code)
+            .join(DeliveryAttempt)
+            .where(DeliveryAttempt.request_summary.like("%upsert%"))
+        ).all()
+    by_subject = {row.subject: row for row in rows}
+    assert by_subject["auth0|ok"].error_category is None
+    assert by_subject["auth0|bad"].error_category == "VALIDATION_ERROR"
+    assert by_subject["auth0|bad"].status_code == 400

@@ -112,6 +112,7 @@ def run_batch(
     settings: Settings,
     destination: Destination,
     rng: random.Random | None = None,
+    task_id: str | None = None,
 ) -> BatchReport:
     """Claim, deliver and record one batch of ``destination``'s due work."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
@@ -125,6 +126,7 @@ def run_batch(
             max_users=settings.hubspot_batch_size,
             lease=settings.lease,
             max_reclaims=settings.max_reclaims,
+            task_id=task_id,
         )
     if not claim.users:
         return report
@@ -159,9 +161,7 @@ def _bound(delivery: Delivery | None) -> AbstractContextManager[None]:
     )
 
 
-def _ownership_check(
-    sessions: sessionmaker[Session], name: str, claim: Claim
-) -> OwnershipCheck:
+def _ownership_check(sessions: sessionmaker[Session], name: str, claim: Claim) -> OwnershipCheck:
     """The destination's question "does another user hold this contact?", answered here."""
     sources = {work.link.subject: work.link.source for work in claim.users}
 
@@ -218,8 +218,12 @@ def _record_user(
         assert plan.newest is not None
         with session.begin_nested():
             finish_delivery(
-                session=session, delivery_id=plan.newest.id, token=token, now=now,
-                status=DeliveryStatus.FAILED, reason="contact_owned",
+                session=session,
+                delivery_id=plan.newest.id,
+                token=token,
+                now=now,
+                status=DeliveryStatus.FAILED,
+                reason="contact_owned",
                 last_error="the contact is linked to another user",
             )
             _release(session, plan.older, token, now, now)
@@ -240,8 +244,12 @@ def _write_user(
     work, token = plan.work, claim.token
     for delivery in work.lost:
         finish_delivery(
-            session=session, delivery_id=delivery.id, token=token, now=now,
-            status=DeliveryStatus.FAILED, reason="worker_lost",
+            session=session,
+            delivery_id=delivery.id,
+            token=token,
+            now=now,
+            status=DeliveryStatus.FAILED,
+            reason="worker_lost",
             last_error=f"reclaimed {delivery.reclaims - 1} times after its lease expired",
         )
         report.count("failed:worker_lost")
@@ -289,8 +297,13 @@ def _apply(
         return
     status = DeliveryStatus(outcome.verdict.value)
     finish_delivery(
-        session=session, delivery_id=newest.id, token=claim.token, now=now, status=status,
-        reason=outcome.reason, external_id=outcome.external_id,
+        session=session,
+        delivery_id=newest.id,
+        token=claim.token,
+        now=now,
+        status=status,
+        reason=outcome.reason,
+        external_id=outcome.external_id,
         attempts=newest.attempts + (1 if outcome.calls else 0),
         last_status_code=outcome.calls[-1].status if outcome.calls else None,
     )
@@ -299,14 +312,25 @@ def _apply(
 
 
 def _fail(
-    session: Session, delivery: Delivery, token: str, now: datetime, outcome: Outcome,
+    session: Session,
+    delivery: Delivery,
+    token: str,
+    now: datetime,
+    outcome: Outcome,
     report: BatchReport,
 ) -> None:
     finish_delivery(
-        session=session, delivery_id=delivery.id, token=token, now=now,
-        status=DeliveryStatus.FAILED, reason=outcome.reason, last_error=outcome.message,
-        last_status_code=outcome.status_code, attempts=delivery.attempts + 1,
+        session=session,
+        delivery_id=delivery.id,
+        token=token,
+        now=now,
+        status=DeliveryStatus.FAILED,
+        reason=outcome.reason,
+        last_error=outcome.message,
+        last_status_code=outcome.status_code,
+        attempts=delivery.attempts + 1,
     )
+    log.warning("delivery %s failed: %s (%s)", delivery.id, outcome.reason, outcome.message or "")
     report.count(f"failed:{outcome.reason}")
 
 
@@ -329,8 +353,10 @@ def _retry(
     attempts = newest.attempts + (1 if counted else 0)
     if counted and budget_spent(attempts, delays):
         exhausted = Outcome(
-            Verdict.FAILED, reason="retries_exhausted",
-            message=f"{outcome.reason}: {outcome.message}", status_code=outcome.status_code,
+            Verdict.FAILED,
+            reason="retries_exhausted",
+            message=f"{outcome.reason}: {outcome.message}",
+            status_code=outcome.status_code,
         )
         _fail(session, newest, token, now, exhausted, report)
         _release(session, plan.older, token, now, now)
@@ -343,22 +369,47 @@ def _retry(
         delay = backoff_delay(attempts, delays, settings.retry_jitter, rng)
     due = now + timedelta(seconds=delay)
     finish_delivery(
-        session=session, delivery_id=newest.id, token=token, now=now,
-        status=DeliveryStatus.PENDING, next_attempt_at=due, attempts=attempts,
-        reason=None, last_error=outcome.message, last_status_code=outcome.status_code,
+        session=session,
+        delivery_id=newest.id,
+        token=token,
+        now=now,
+        status=DeliveryStatus.PENDING,
+        next_attempt_at=due,
+        attempts=attempts,
+        reason=None,
+        last_error=outcome.message,
+        last_status_code=outcome.status_code,
     )
     # The older events wait with the newest, so they are never sent on their own.
     _release(session, plan.older, token, now, due)
+    log.info(
+        "delivery %s retries in %.1fs: %s (%s)",
+        newest.id,
+        delay,
+        outcome.reason,
+        outcome.message or "",
+    )
     report.count(f"retry:{outcome.reason}")
 
 
 def _finish_all(
-    session: Session, deliveries: list[Delivery], token: str, now: datetime,
-    status: DeliveryStatus, reason: str, report: BatchReport,
+    session: Session,
+    deliveries: list[Delivery],
+    token: str,
+    now: datetime,
+    status: DeliveryStatus,
+    reason: str,
+    report: BatchReport,
 ) -> None:
     for delivery in deliveries:
-        finish_delivery(session=session, delivery_id=delivery.id, token=token, now=now,
-                        status=status, reason=reason)
+        finish_delivery(
+            session=session,
+            delivery_id=delivery.id,
+            token=token,
+            now=now,
+            status=status,
+            reason=reason,
+        )
     if deliveries:
         report.count(f"{status.value}:{reason}", len(deliveries))
 
@@ -367,8 +418,14 @@ def _release(
     session: Session, deliveries: list[Delivery], token: str, now: datetime, due: datetime
 ) -> None:
     for delivery in deliveries:
-        finish_delivery(session=session, delivery_id=delivery.id, token=token, now=now,
-                        status=DeliveryStatus.PENDING, next_attempt_at=due)
+        finish_delivery(
+            session=session,
+            delivery_id=delivery.id,
+            token=token,
+            now=now,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=due,
+        )
 
 
 def _record_attempts(session: Session, delivery: Delivery, outcome: Outcome) -> None:

@@ -80,14 +80,23 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
     handled = 0
     try:
         while time.monotonic() < deadline:
+            # Claim only when a request slot is free: a worker never sits on claimed
+            # users while it waits for the rate limit. The sweep wakes us again.
+            if not rt.limiter.wait_for_capacity(timeout=rt.settings.sweep_seconds):
+                return handled
             report = run_batch(
-                sessions=rt.sessions, settings=rt.settings, destination=adapter, rng=rt.rng
+                sessions=rt.sessions,
+                settings=rt.settings,
+                destination=adapter,
+                rng=rt.rng,
+                task_id=self.request.id,
             )
             if report.claimed == 0:
                 return handled
             handled += report.claimed
-            log.info("batch delivered", extra={"claimed": report.claimed,
-                                               "outcomes": report.outcomes})
+            log.info(
+                "batch delivered", extra={"claimed": report.claimed, "outcomes": report.outcomes}
+            )
         wake(destination)  # more work remains: hand over to a fresh message
         return handled
     finally:

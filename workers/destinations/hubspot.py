@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -447,11 +447,23 @@ class HubSpotDestination:
         for write in chunk:
             key = write.intent.key
             if key in result.errors:
+                self._note_input_error(key, result.errors[key])
                 yield write, result.errors[key]
             elif key in result.results:
                 yield write, result.results[key]
             else:
                 yield write, HubSpotError("HubSpot returned no result for this input")
+
+    def _note_input_error(self, key: str, error: HubSpotError) -> None:
+        """A 207 answers 2xx for the call: record this input's own error on its attempt."""
+        calls = self._calls.get(key)
+        if calls:
+            calls[-1] = replace(
+                calls[-1],
+                status=error.status or calls[-1].status,
+                error_category=error.category or "INPUT_ERROR",
+                response_excerpt=_message(error)[:500],
+            )
 
     def _call(self, keys: list[str], send: Callable[[], Any]) -> Any:
         """Send one request under the shared rate limit, recording it for ``keys``."""
