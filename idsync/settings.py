@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     ingest_max_body_bytes: int = 256 * 1024
     admin_token: str | None = None
     secret_key: str | None = None
+    # Browsers keep Secure cookies on loopback too; turn off only for plain http
+    # to another host on a trusted network.
+    admin_cookie_secure: bool = True
 
     hubspot_token: str | None = None
     hubspot_base_url: str = "https://api.hubapi.com"

@@ -33,7 +33,15 @@ class IngestState:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the ingest Flask app from ``settings`` (default: the environment)."""
     settings = settings or Settings()
-    configure_logging("ingest")
+    configure_logging(
+        "ingest",
+        secrets=[
+            *settings.ingest_token,
+            settings.hubspot_token,
+            settings.admin_token,
+            settings.secret_key,
+        ],
+    )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes
     engine = make_engine(settings.database_url)
@@ -50,9 +58,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhook.blueprint)
     app.register_blueprint(health.blueprint)
     if settings.admin_token:
-        from ingest import admin
+        from ingest import admin, admin_page
 
         app.register_blueprint(admin.blueprint)
+        # The webhook and the JSON API authenticate every request with a bearer token,
+        # which a browser never sends by itself: only the page's forms need CSRF tokens.
+        admin_page.install(app, settings, csrf_exempt=(webhook.blueprint, admin.blueprint))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> tuple[Response, int]:

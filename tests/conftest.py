@@ -41,7 +41,6 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-
 def migrate(url: str) -> None:
     """``alembic upgrade head`` on ``url``, the way operators run it."""
     config = Config(str(ROOT / "alembic.ini"))

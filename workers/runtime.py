@@ -59,8 +59,10 @@ def build_runtime(settings: Settings) -> Runtime:
 
         redis_client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         limiter = RedisRateLimiter(
-            redis_client, name=f"{settings.redis_key_prefix}:ratelimit:hubspot",
-            limit=limit, window=window,
+            redis_client,
+            name=f"{settings.redis_key_prefix}:ratelimit:hubspot",
+            limit=limit,
+            window=window,
         )
     else:
         limiter = LocalRateLimiter(limit=limit, window=window)
