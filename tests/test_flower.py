@@ -7,6 +7,7 @@ finished ``idsync.deliver`` task with the destination name as its only argument.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any
 import pytest
 import redis
 import requests
+from sqlalchemy import select
 
 from idsync.settings import Settings
 from idsync.stack import Stack, free_port, worker_command
 from ingest.publish import DELIVER_TASK, Waker, wakeup_key
+from ingest.validation import to_new_event
+from models.db import make_engine, make_session_factory, transaction
+from models.outbox import record_event
+from models.tables import Delivery
 from tests.conftest import REDIS_URL
+from tests.events import auth0_event
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +46,15 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> 
 
 
 @pytest.fixture
-def flower_settings(settings: Settings, redis_prefix: str) -> Settings:
-    """The test settings on a broker prefix of this test's own."""
-    return settings.model_copy(update={"redis_key_prefix": f"{redis_prefix}-flower"})
+def flower_settings(settings: Settings, redis_prefix: str, isolated_database_url: str) -> Settings:
+    """The test settings on a broker prefix and a database of this test's own."""
+    return settings.model_copy(
+        update={"redis_key_prefix": f"{redis_prefix}-flower", "database_url": isolated_database_url}
+    )
 
 
 @pytest.fixture
-def stack(flower_settings: Settings, tmp_path: Path, db: None) -> Iterator[Stack]:
+def stack(flower_settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     env = {
         "DATABASE_URL": flower_settings.database_url,
         "CELERY_BROKER_URL": REDIS_URL,
@@ -112,6 +121,7 @@ def test_flower_shows_a_published_wake_up_with_ids_only(
         client.delete(wakeup_key(flower_settings, "hubspot"))
     finally:
         client.close()
+    _store_one_event(flower_settings)
     assert waker.wake("hubspot"), "the wake-up was not published"
 
     # No worker yet: Flower counts the message under the broker's key prefix.
@@ -125,3 +135,27 @@ def test_flower_shows_a_published_wake_up_with_ids_only(
     info = flower.get(f"/api/task/info/{task['uuid']}")
     assert (info["name"], info["args"], info["kwargs"]) == (DELIVER_TASK, "['hubspot']", "{}")
     assert flower.queued(queue) == 0
+    # From a delivery id to its task: the delivery records the task that claimed it.
+    engine = make_engine(flower_settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            delivery = session.scalars(select(Delivery)).one()
+    finally:
+        engine.dispose()
+    assert delivery.task_id == task["uuid"]
+    assert flower.get(f"/api/task/info/{delivery.task_id}")["name"] == DELIVER_TASK
+
+
+def _store_one_event(settings: Settings) -> None:
+    """One accepted event in the outbox, as ingest stores it."""
+    document = auth0_event("user.created", "auth0|flower", email="flower@example.com")
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            record_event(
+                session=session,
+                event=to_new_event(document, json.dumps(document).encode()),
+                destinations=["hubspot"],
+            )
+    finally:
+        engine.dispose()
