@@ -139,10 +139,10 @@ def run_batch(
             intents, owned_elsewhere=_ownership_check(sessions, destination.name, claim)
         )
     with transaction(sessions) as session:
-        now = db_now(session)
+        recorder = _Recorder(session, settings, claim.token, db_now(session), rng, report)
         for plan in plans:
             with _bound(plan.newest or _first(plan)):
-                _record_user(session, settings, claim, plan, outcomes, now, rng, report)
+                recorder.record_user(plan, outcomes)
         _pause_if_asked(session, settings, destination.name, outcomes)
     return report
 
@@ -198,233 +198,162 @@ def _pause_if_asked(
     )
 
 
-def _record_user(
-    session: Session,
-    settings: Settings,
-    claim: Claim,
-    plan: _UserPlan,
-    outcomes: dict[str, Outcome],
-    now: datetime,
-    rng: random.Random,
-    report: BatchReport,
-) -> None:
-    """Write one user's outcomes, if this worker still holds the user."""
-    work, token = plan.work, claim.token
-    try:
-        with session.begin_nested():
-            _write_user(session, settings, claim, plan, outcomes, now, rng, report)
-    except IntegrityError:
-        # Another user's live link took this contact meanwhile: a human must decide.
-        assert plan.newest is not None
-        with session.begin_nested():
-            finish_delivery(
-                session=session,
-                delivery_id=plan.newest.id,
-                token=token,
-                now=now,
-                status=DeliveryStatus.FAILED,
-                reason="contact_owned",
-                last_error="the contact is linked to another user",
+@dataclass
+class _Recorder:
+    """Writes one batch's outcomes in one transaction, under the claim's token."""
+
+    session: Session
+    settings: Settings
+    token: str
+    now: datetime
+    rng: random.Random
+    report: BatchReport
+
+    def record_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
+        """Write one user's outcomes, if this worker still holds the user."""
+        try:
+            with self.session.begin_nested():
+                self._write_user(plan, outcomes)
+        except IntegrityError:
+            # Another user's live link took this contact meanwhile: a human must decide.
+            assert plan.newest is not None
+            with self.session.begin_nested():
+                self._finish(
+                    plan.newest,
+                    DeliveryStatus.FAILED,
+                    reason="contact_owned",
+                    last_error="the contact is linked to another user",
+                )
+                self._release(plan.older, due=self.now)
+                release_link(session=self.session, link_id=plan.work.link.id, token=self.token)
+            self.report.count("failed:contact_owned")
+
+    def _write_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
+        link_id = plan.work.link.id
+        for delivery in plan.work.lost:
+            self._finish(
+                delivery,
+                DeliveryStatus.FAILED,
+                reason="worker_lost",
+                last_error=f"reclaimed {delivery.reclaims - 1} times after its lease expired",
             )
-            _release(session, plan.older, token, now, now)
-            release_link(session=session, link_id=work.link.id, token=token)
-        report.count("failed:contact_owned")
+            self.report.count("failed:worker_lost")
+        self._skip_stale(plan.stale)
+        if plan.newest is None:
+            release_link(session=self.session, link_id=link_id, token=self.token)
+            return
+        outcome = outcomes[str(plan.newest.id)]
+        _record_attempts(self.session, plan.newest, outcome)
+        if outcome.verdict in (Verdict.SUCCEEDED, Verdict.SKIPPED):
+            self._apply(plan, outcome)
+            return
+        if outcome.verdict is Verdict.FAILED:
+            self._fail(plan.newest, outcome)
+            self._release(plan.older, due=self.now)
+        else:
+            self._retry(plan, outcome)
+        release_link(session=self.session, link_id=link_id, token=self.token)
 
-
-def _write_user(
-    session: Session,
-    settings: Settings,
-    claim: Claim,
-    plan: _UserPlan,
-    outcomes: dict[str, Outcome],
-    now: datetime,
-    rng: random.Random,
-    report: BatchReport,
-) -> None:
-    work, token = plan.work, claim.token
-    for delivery in work.lost:
-        finish_delivery(
-            session=session,
-            delivery_id=delivery.id,
-            token=token,
-            now=now,
-            status=DeliveryStatus.FAILED,
-            reason="worker_lost",
-            last_error=f"reclaimed {delivery.reclaims - 1} times after its lease expired",
+    def _apply(self, plan: _UserPlan, outcome: Outcome) -> None:
+        """The newest state reached the destination (or needs nothing): move the link on."""
+        assert plan.newest is not None
+        link, newest = plan.work.link, plan.newest
+        key = max(plan.work.key_of(newest), link.last_order_key or "")
+        values: dict[str, object] = {"last_order_key": key, "updated_at": self.now}
+        if outcome.verdict is Verdict.SUCCEEDED:
+            values |= {
+                "external_id": outcome.external_id,
+                "properties_hash": outcome.properties_hash,
+                "last_email": outcome.email,
+                "deprovisioned": outcome.deprovisioned,
+            }
+            if outcome.created is not None:
+                values["created_contact"] = outcome.created
+        if not update_link(session=self.session, link_id=link.id, token=self.token, **values):
+            log.warning(
+                "lost the hold on user %s; leaving its work to the next claim", link.subject
+            )
+            return
+        status = DeliveryStatus(outcome.verdict.value)
+        self._finish(
+            newest,
+            status,
+            reason=outcome.reason,
+            external_id=outcome.external_id,
+            attempts=newest.attempts + (1 if outcome.calls else 0),
+            last_status_code=outcome.calls[-1].status if outcome.calls else None,
         )
-        report.count("failed:worker_lost")
-    _finish_all(session, plan.stale, token, now, DeliveryStatus.SKIPPED, "stale", report)
-    if plan.newest is None:
-        release_link(session=session, link_id=work.link.id, token=token)
-        return
-    outcome = outcomes[str(plan.newest.id)]
-    _record_attempts(session, plan.newest, outcome)
-    if outcome.verdict in (Verdict.SUCCEEDED, Verdict.SKIPPED):
-        _apply(session, claim, plan, outcome, now, report)
-    elif outcome.verdict is Verdict.FAILED:
-        _fail(session, plan.newest, token, now, outcome, report)
-        _release(session, plan.older, token, now, now)
-        release_link(session=session, link_id=work.link.id, token=token)
-    else:
-        _retry(session, settings, plan, token, now, outcome, rng, report)
-        release_link(session=session, link_id=work.link.id, token=token)
+        self.report.count(f"{status.value}:{outcome.reason or ''}".rstrip(":"))
+        self._skip_stale(plan.older)
 
-
-def _apply(
-    session: Session,
-    claim: Claim,
-    plan: _UserPlan,
-    outcome: Outcome,
-    now: datetime,
-    report: BatchReport,
-) -> None:
-    """The newest state reached the destination (or needs nothing): move the link on."""
-    assert plan.newest is not None
-    link, newest = plan.work.link, plan.newest
-    key = max(plan.work.key_of(newest), link.last_order_key or "")
-    values: dict[str, object] = {"last_order_key": key, "updated_at": now}
-    if outcome.verdict is Verdict.SUCCEEDED:
-        values |= {
-            "external_id": outcome.external_id,
-            "properties_hash": outcome.properties_hash,
-            "last_email": outcome.email,
-            "deprovisioned": outcome.deprovisioned,
-        }
-        if outcome.created is not None:
-            values["created_contact"] = outcome.created
-    if not update_link(session=session, link_id=link.id, token=claim.token, **values):
-        log.warning("lost the hold on user %s; leaving its work to the next claim", link.subject)
-        return
-    status = DeliveryStatus(outcome.verdict.value)
-    finish_delivery(
-        session=session,
-        delivery_id=newest.id,
-        token=claim.token,
-        now=now,
-        status=status,
-        reason=outcome.reason,
-        external_id=outcome.external_id,
-        attempts=newest.attempts + (1 if outcome.calls else 0),
-        last_status_code=outcome.calls[-1].status if outcome.calls else None,
-    )
-    report.count(f"{status.value}:{outcome.reason or ''}".rstrip(":"))
-    _finish_all(session, plan.older, claim.token, now, DeliveryStatus.SKIPPED, "stale", report)
-
-
-def _fail(
-    session: Session,
-    delivery: Delivery,
-    token: str,
-    now: datetime,
-    outcome: Outcome,
-    report: BatchReport,
-) -> None:
-    finish_delivery(
-        session=session,
-        delivery_id=delivery.id,
-        token=token,
-        now=now,
-        status=DeliveryStatus.FAILED,
-        reason=outcome.reason,
-        last_error=outcome.message,
-        last_status_code=outcome.status_code,
-        attempts=delivery.attempts + 1,
-    )
-    log.warning("delivery %s failed: %s (%s)", delivery.id, outcome.reason, outcome.message or "")
-    report.count(f"failed:{outcome.reason}")
-
-
-def _retry(
-    session: Session,
-    settings: Settings,
-    plan: _UserPlan,
-    token: str,
-    now: datetime,
-    outcome: Outcome,
-    rng: random.Random,
-    report: BatchReport,
-) -> None:
-    """Schedule the user's work again; a spent budget turns into ``failed``."""
-    assert plan.newest is not None
-    newest = plan.newest
-    delays = settings.retry_delays
-    # A pause is the destination's fault, not the delivery's: it spends no budget.
-    counted = outcome.counts_against_budget and outcome.verdict is not Verdict.PAUSE
-    attempts = newest.attempts + (1 if counted else 0)
-    if counted and budget_spent(attempts, delays):
-        exhausted = Outcome(
-            Verdict.FAILED,
-            reason="retries_exhausted",
-            message=f"{outcome.reason}: {outcome.message}",
-            status_code=outcome.status_code,
+    def _fail(self, delivery: Delivery, outcome: Outcome) -> None:
+        self._finish(
+            delivery,
+            DeliveryStatus.FAILED,
+            reason=outcome.reason,
+            last_error=outcome.message,
+            last_status_code=outcome.status_code,
+            attempts=delivery.attempts + 1,
         )
-        _fail(session, newest, token, now, exhausted, report)
-        _release(session, plan.older, token, now, now)
-        return
-    if outcome.verdict is Verdict.PAUSE:
-        delay = 0.0
-    elif outcome.retry_after is not None:
-        delay = outcome.retry_after
-    else:
-        delay = backoff_delay(attempts, delays, settings.retry_jitter, rng)
-    due = now + timedelta(seconds=delay)
-    finish_delivery(
-        session=session,
-        delivery_id=newest.id,
-        token=token,
-        now=now,
-        status=DeliveryStatus.PENDING,
-        next_attempt_at=due,
-        attempts=attempts,
-        reason=None,
-        last_error=outcome.message,
-        last_status_code=outcome.status_code,
-    )
-    # The older events wait with the newest, so they are never sent on their own.
-    _release(session, plan.older, token, now, due)
-    log.info(
-        "delivery %s retries in %.1fs: %s (%s)",
-        newest.id,
-        delay,
-        outcome.reason,
-        outcome.message or "",
-    )
-    report.count(f"retry:{outcome.reason}")
+        log.warning("delivery %s failed: %s (%s)", delivery.id, outcome.reason, outcome.message)
+        self.report.count(f"failed:{outcome.reason}")
 
-
-def _finish_all(
-    session: Session,
-    deliveries: list[Delivery],
-    token: str,
-    now: datetime,
-    status: DeliveryStatus,
-    reason: str,
-    report: BatchReport,
-) -> None:
-    for delivery in deliveries:
-        finish_delivery(
-            session=session,
-            delivery_id=delivery.id,
-            token=token,
-            now=now,
-            status=status,
-            reason=reason,
-        )
-    if deliveries:
-        report.count(f"{status.value}:{reason}", len(deliveries))
-
-
-def _release(
-    session: Session, deliveries: list[Delivery], token: str, now: datetime, due: datetime
-) -> None:
-    for delivery in deliveries:
-        finish_delivery(
-            session=session,
-            delivery_id=delivery.id,
-            token=token,
-            now=now,
-            status=DeliveryStatus.PENDING,
+    def _retry(self, plan: _UserPlan, outcome: Outcome) -> None:
+        """Schedule the user's work again; a spent budget turns into ``failed``."""
+        assert plan.newest is not None
+        newest, delays = plan.newest, self.settings.retry_delays
+        # A pause is the destination's fault, not the delivery's: it spends no budget.
+        counted = outcome.counts_against_budget and outcome.verdict is not Verdict.PAUSE
+        attempts = newest.attempts + (1 if counted else 0)
+        if counted and budget_spent(attempts, delays):
+            exhausted = Outcome(
+                Verdict.FAILED,
+                reason="retries_exhausted",
+                message=f"{outcome.reason}: {outcome.message}",
+                status_code=outcome.status_code,
+            )
+            self._fail(newest, exhausted)
+            self._release(plan.older, due=self.now)
+            return
+        if outcome.verdict is Verdict.PAUSE:
+            delay = 0.0
+        elif outcome.retry_after is not None:
+            delay = outcome.retry_after
+        else:
+            delay = backoff_delay(attempts, delays, self.settings.retry_jitter, self.rng)
+        due = self.now + timedelta(seconds=delay)
+        self._finish(
+            newest,
+            DeliveryStatus.PENDING,
             next_attempt_at=due,
+            attempts=attempts,
+            reason=None,
+            last_error=outcome.message,
+            last_status_code=outcome.status_code,
+        )
+        # The older events wait with the newest, so they are never sent on their own.
+        self._release(plan.older, due=due)
+        log.info("delivery %s retries in %.1fs: %s", newest.id, delay, outcome.reason)
+        self.report.count(f"retry:{outcome.reason}")
+
+    def _skip_stale(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._finish(delivery, DeliveryStatus.SKIPPED, reason="stale")
+        if deliveries:
+            self.report.count("skipped:stale", len(deliveries))
+
+    def _release(self, deliveries: list[Delivery], *, due: datetime) -> None:
+        for delivery in deliveries:
+            self._finish(delivery, DeliveryStatus.PENDING, next_attempt_at=due)
+
+    def _finish(self, delivery: Delivery, status: DeliveryStatus, **values: object) -> None:
+        finish_delivery(
+            session=self.session,
+            delivery_id=delivery.id,
+            token=self.token,
+            now=self.now,
+            status=status,
+            **values,
         )
 
 
