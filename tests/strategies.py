@@ -86,3 +86,22 @@ def arrivals(draw_permutation: list[int], duplicates: list[int], count: int) -> 
     for position, index in enumerate(duplicates):
         order.insert(min(position * 2, len(order)), index % count)
     return order
+
+
+def assert_newest_state(
+    statuses: list[tuple[str, str | None]],
+    contacts: list[dict[str, Any]],
+    history: dict[str, list[Step]],
+) -> None:
+    """Every delivery ended with a reason where needed; each user holds its newest state."""
+    assert all(status in ("succeeded", "skipped") for status, _ in statuses), statuses
+    assert all(reason for status, reason in statuses if status == "skipped")
+    # A user whose newest state has no email keeps a contact with its email cleared.
+    live = {c["properties"].get("email"): c["properties"] for c in contacts}
+    for user, want in expected_state(history).items():
+        held = {email for email in live if email and email.startswith(f"u{user[-1]}")}
+        if want is None:
+            assert not held, (user, live)
+        else:
+            assert held == {want["email"]}, (user, live)
+            assert live[want["email"]]["firstname"] == want["firstname"]
