@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, case, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -257,56 +257,92 @@ def _group_by_user(
     return list(by_user.values())
 
 
-def release_link(*, session: Session, link_id: int, token: str) -> bool:
-    """Give up the hold on a user; False when the lease was already lost."""
-    result = session.execute(
-        update(Link)
-        .where(Link.id == link_id, Link.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+def still_held(*, session: Session, link_ids: Iterable[int], token: str) -> set[int]:
+    """Lock the links ``token`` still holds; the others were lost to an expired lease."""
+    ids = list(link_ids)
+    if not ids:
+        return set()
+    rows = session.scalars(
+        select(Link.id).where(Link.id.in_(ids), Link.lease_token == token).with_for_update()
+    ).all()
+    return set(rows)
 
 
-def update_link(*, session: Session, link_id: int, token: str, **values: Any) -> bool:
-    """Compare-and-set on the hold: write the link only while ``token`` still holds it."""
-    result = session.execute(
-        update(Link)
-        .where(Link.id == link_id, Link.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+def live_contacts_of_others(
+    *, session: Session, destination: str, contact_ids: Iterable[str], link_ids: Iterable[int]
+) -> set[str]:
+    """Those of ``contact_ids`` that a live link outside ``link_ids`` holds."""
+    ids = list(set(contact_ids))
+    if not ids:
+        return set()
+    rows = session.scalars(
+        select(Link.external_id).where(
+            Link.destination == destination,
+            Link.external_id.in_(ids),
+            Link.deprovisioned.is_(False),
+            Link.id.not_in(list(link_ids)),
+        )
+    ).all()
+    return {row for row in rows if row is not None}
 
 
-def finish_delivery(
-    *,
-    session: Session,
-    delivery_id: int,
-    token: str,
-    now: datetime,
-    status: DeliveryStatus,
-    **values: Any,
-) -> None:
-    """Write a delivery's new state, if this worker's lease still holds it."""
-    finished = status in (
-        DeliveryStatus.SUCCEEDED,
-        DeliveryStatus.SKIPPED,
-        DeliveryStatus.FAILED,
-    )
-    session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery_id, Delivery.lease_token == token)
+LINK_STATE = (
+    "last_order_key",
+    "external_id",
+    "created_contact",
+    "properties_hash",
+    "last_email",
+    "deprovisioned",
+)
+DELIVERY_STATE = (
+    "status",
+    "reason",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_status_code",
+    "external_id",
+    "finished_at",
+    "force",
+)
+
+
+def _many(table: Any, columns: tuple[str, ...], token: str, now: datetime) -> Any:
+    """UPDATE one row per parameter set, releasing ``token``'s hold as it writes."""
+    return (
+        update(table)
+        .where(table.c.id == bindparam("row_id"), table.c.lease_token == token)
         .values(
-            status=status,
             lease_token=None,
             lease_expires_at=None,
             updated_at=now,
-            finished_at=now if finished else None,
-            **({"force": False} if finished else {}),
-            **values,
+            **{column: bindparam(f"new_{column}") for column in columns},
         )
-        .execution_options(synchronize_session=False)
     )
+
+
+def write_links(*, session: Session, token: str, now: datetime, rows: list[dict[str, Any]]) -> None:
+    """Write the new state of held links and release them: one statement, many rows.
+
+    Each row has ``id`` and every field of ``LINK_STATE``; the caller has locked
+    the rows with ``still_held``, so the compare-and-set on the token holds.
+    """
+    if rows:
+        statement = _many(Link.__table__, LINK_STATE, token, now)
+        session.execute(statement, [_params(row, LINK_STATE) for row in rows])
+
+
+def write_deliveries(
+    *, session: Session, token: str, now: datetime, rows: list[dict[str, Any]]
+) -> None:
+    """Write the new state of claimed deliveries: one statement, many rows."""
+    if rows:
+        statement = _many(Delivery.__table__, DELIVERY_STATE, token, now)
+        session.execute(statement, [_params(row, DELIVERY_STATE) for row in rows])
+
+
+def _params(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
+    return {"row_id": row["id"], **{f"new_{column}": row[column] for column in columns}}
 
 
 def owned_elsewhere(

@@ -18,25 +18,29 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.settings import Settings
 from models.db import db_now, transaction
 from models.outbox import (
+    DELIVERY_STATE,
+    LINK_STATE,
     Claim,
     UserWork,
     claim_due,
     destination_state,
-    finish_delivery,
+    live_contacts_of_others,
     owned_elsewhere,
-    release_link,
     set_paused,
-    update_link,
+    still_held,
+    write_deliveries,
+    write_links,
 )
-from models.tables import Delivery, DeliveryAttempt, DeliveryStatus
+from models.tables import FINISHED, Delivery, DeliveryAttempt, DeliveryStatus
 from workers.destinations.base import (
     Destination,
     Intent,
@@ -139,12 +143,44 @@ def run_batch(
             intents, owned_elsewhere=_ownership_check(sessions, destination.name, claim)
         )
     with transaction(sessions) as session:
-        recorder = _Recorder(session, settings, claim.token, db_now(session), rng, report)
+        now = db_now(session)
+        held = still_held(
+            session=session, link_ids=[w.link.id for w in claim.users], token=claim.token
+        )
+        recorder = _Recorder(
+            settings,
+            now,
+            rng,
+            report,
+            taken=_taken_contacts(session, destination.name, claim, outcomes),
+        )
         for plan in plans:
+            if plan.work.link.id not in held:
+                # The lease expired and another worker took the user: its work is theirs.
+                log.warning("lost the hold on user %s", plan.work.link.subject)
+                continue
             with _bound(plan.newest or _first(plan)):
                 recorder.record_user(plan, outcomes)
+        recorder.flush(session, claim.token)
         _pause_if_asked(session, settings, destination.name, outcomes)
     return report
+
+
+def _taken_contacts(
+    session: Session, destination: str, claim: Claim, outcomes: dict[str, Outcome]
+) -> set[str]:
+    """Of the contacts this batch reached, those live links of other users hold."""
+    reached = [
+        outcome.external_id
+        for outcome in outcomes.values()
+        if outcome.verdict is Verdict.SUCCEEDED and outcome.external_id
+    ]
+    return live_contacts_of_others(
+        session=session,
+        destination=destination,
+        contact_ids=reached,
+        link_ids=[work.link.id for work in claim.users],
+    )
 
 
 def _first(plan: _UserPlan) -> Delivery | None:
@@ -200,80 +236,73 @@ def _pause_if_asked(
 
 @dataclass
 class _Recorder:
-    """Writes one batch's outcomes in one transaction, under the claim's token."""
+    """Turns one batch's outcomes into rows, then writes them in a few statements.
 
-    session: Session
+    ``taken`` holds the contact ids other users' live links hold: a success that
+    lands on one of them becomes ``contact_owned`` (two users, one contact).
+    """
+
     settings: Settings
-    token: str
     now: datetime
     rng: random.Random
     report: BatchReport
+    taken: set[str]
+    links: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
     def record_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
-        """Write one user's outcomes, if this worker still holds the user."""
-        try:
-            with self.session.begin_nested():
-                self._write_user(plan, outcomes)
-        except IntegrityError:
-            # Another user's live link took this contact meanwhile: a human must decide.
-            assert plan.newest is not None
-            with self.session.begin_nested():
-                self._finish(
-                    plan.newest,
-                    DeliveryStatus.FAILED,
-                    reason="contact_owned",
-                    last_error="the contact is linked to another user",
-                )
-                self._release(plan.older, due=self.now)
-                release_link(session=self.session, link_id=plan.work.link.id, token=self.token)
-            self.report.count("failed:contact_owned")
-
-    def _write_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
-        link_id = plan.work.link.id
+        """Decide every row of one user: its deliveries, its attempts and its link."""
+        link = plan.work.link
+        link_row = {column: getattr(link, column) for column in LINK_STATE} | {"id": link.id}
+        self.links.append(link_row)
         for delivery in plan.work.lost:
+            reclaimed = f"reclaimed {delivery.reclaims - 1} times after its lease expired"
             self._finish(
-                delivery,
-                DeliveryStatus.FAILED,
-                reason="worker_lost",
-                last_error=f"reclaimed {delivery.reclaims - 1} times after its lease expired",
+                delivery, DeliveryStatus.FAILED, reason="worker_lost", last_error=reclaimed
             )
             self.report.count("failed:worker_lost")
         self._skip_stale(plan.stale)
         if plan.newest is None:
-            release_link(session=self.session, link_id=link_id, token=self.token)
             return
-        outcome = outcomes[str(plan.newest.id)]
-        _record_attempts(self.session, plan.newest, outcome)
+        outcome = self._owned_check(outcomes[str(plan.newest.id)])
+        self._attempts(plan.newest, outcome)
         if outcome.verdict in (Verdict.SUCCEEDED, Verdict.SKIPPED):
-            self._apply(plan, outcome)
-            return
-        if outcome.verdict is Verdict.FAILED:
+            self._apply(plan, outcome, link_row)
+        elif outcome.verdict is Verdict.FAILED:
             self._fail(plan.newest, outcome)
             self._release(plan.older, due=self.now)
         else:
             self._retry(plan, outcome)
-        release_link(session=self.session, link_id=link_id, token=self.token)
 
-    def _apply(self, plan: _UserPlan, outcome: Outcome) -> None:
+    def _owned_check(self, outcome: Outcome) -> Outcome:
+        contact = outcome.external_id
+        if outcome.verdict is not Verdict.SUCCEEDED or not contact or outcome.deprovisioned:
+            return outcome
+        if contact in self.taken:
+            return Outcome(
+                Verdict.FAILED,
+                reason="contact_owned",
+                message=f"contact {contact} belongs to another user's link",
+                calls=outcome.calls,
+            )
+        self.taken.add(contact)
+        return outcome
+
+    def _apply(self, plan: _UserPlan, outcome: Outcome, link_row: dict[str, Any]) -> None:
         """The newest state reached the destination (or needs nothing): move the link on."""
         assert plan.newest is not None
-        link, newest = plan.work.link, plan.newest
-        key = max(plan.work.key_of(newest), link.last_order_key or "")
-        values: dict[str, object] = {"last_order_key": key, "updated_at": self.now}
+        newest = plan.newest
+        link_row["last_order_key"] = max(plan.work.key_of(newest), link_row["last_order_key"] or "")
         if outcome.verdict is Verdict.SUCCEEDED:
-            values |= {
+            link_row |= {
                 "external_id": outcome.external_id,
                 "properties_hash": outcome.properties_hash,
                 "last_email": outcome.email,
                 "deprovisioned": outcome.deprovisioned,
             }
             if outcome.created is not None:
-                values["created_contact"] = outcome.created
-        if not update_link(session=self.session, link_id=link.id, token=self.token, **values):
-            log.warning(
-                "lost the hold on user %s; leaving its work to the next claim", link.subject
-            )
-            return
+                link_row["created_contact"] = outcome.created
         status = DeliveryStatus(outcome.verdict.value)
         self._finish(
             newest,
@@ -346,27 +375,36 @@ class _Recorder:
         for delivery in deliveries:
             self._finish(delivery, DeliveryStatus.PENDING, next_attempt_at=due)
 
-    def _finish(self, delivery: Delivery, status: DeliveryStatus, **values: object) -> None:
-        finish_delivery(
-            session=self.session,
-            delivery_id=delivery.id,
-            token=self.token,
-            now=self.now,
-            status=status,
-            **values,
+    def _finish(self, delivery: Delivery, status: DeliveryStatus, **changes: Any) -> None:
+        """A delivery's whole new state: what changes, and what it keeps."""
+        finished = status in FINISHED
+        row = {column: getattr(delivery, column) for column in DELIVERY_STATE}
+        row |= {
+            "id": delivery.id,
+            "status": status,
+            "finished_at": self.now if finished else None,
+            "force": False if finished else delivery.force,
+            **changes,
+        }
+        self.deliveries.append(row)
+
+    def _attempts(self, delivery: Delivery, outcome: Outcome) -> None:
+        self.attempts.extend(
+            {
+                "delivery_id": delivery.id,
+                "duration_ms": call.duration_ms,
+                "request_summary": call.request,
+                "status_code": call.status,
+                "error_category": call.error_category,
+                "outcome": outcome.verdict.value,
+                "response_excerpt": call.response_excerpt,
+            }
+            for call in outcome.calls
         )
 
-
-def _record_attempts(session: Session, delivery: Delivery, outcome: Outcome) -> None:
-    session.add_all(
-        DeliveryAttempt(
-            delivery_id=delivery.id,
-            duration_ms=call.duration_ms,
-            request_summary=call.request,
-            status_code=call.status,
-            error_category=call.error_category,
-            outcome=outcome.verdict.value,
-            response_excerpt=call.response_excerpt,
-        )
-        for call in outcome.calls
-    )
+    def flush(self, session: Session, token: str) -> None:
+        """Write everything decided: a handful of statements for the whole batch."""
+        write_deliveries(session=session, token=token, now=self.now, rows=self.deliveries)
+        write_links(session=session, token=token, now=self.now, rows=self.links)
+        if self.attempts:
+            session.execute(insert(DeliveryAttempt), self.attempts)
