@@ -266,9 +266,9 @@ def test_one_bad_input_in_a_batch_fails_alone(pipeline: Pipeline) -> None:
     statuses = pipeline.deliveries()
     assert statuses.count(("succeeded", None)) == 7
     assert statuses[3] == ("failed", "rejected")
-    # One upsert call for the seven and the bad one together: HubSpot split it (207).
-    upserts = [r for r in pipeline.hubspot.requests_log if r.path.endswith("batch/upsert")]
-    assert len(upserts) == 1
+    # One create call for the seven and the bad one together: HubSpot split it (207).
+    creates = [r for r in pipeline.hubspot.requests_log if r.path.endswith("batch/create")]
+    assert len(creates) == 1
 
 
 def test_whole_batch_400_is_split_until_the_bad_input_is_alone(pipeline: Pipeline) -> None:
@@ -287,8 +287,22 @@ def test_batches_group_users_into_few_calls(pipeline: Pipeline) -> None:
         pipeline.post(auth0_event("user.created", f"auth0|{n}", email=f"u{n}@example.com"))
     pipeline.drain()
     assert len(pipeline.hubspot.contacts()) == 50
-    # One lookup and one upsert for fifty users.
-    assert len(pipeline.hubspot.requests_log) == 2
+    # One create call for fifty new users: creating is the lookup.
+    assert [r.path for r in pipeline.hubspot.requests_log] == [
+        "/crm/v3/objects/contacts/batch/create"
+    ]
+
+
+def test_existing_contacts_are_adopted_through_the_create_conflict(pipeline: Pipeline) -> None:
+    existing = {n: pipeline.hubspot.seed_contact({"email": f"u{n}@example.com"}) for n in (1, 3)}
+    for n in range(5):
+        pipeline.post(auth0_event("user.created", f"auth0|{n}", email=f"u{n}@example.com"))
+    pipeline.drain()
+    assert len(pipeline.hubspot.contacts()) == 5
+    for n, contact_id in existing.items():
+        link = pipeline.link(f"auth0|{n}")
+        assert link.external_id == contact_id and not link.created_contact
+    assert pipeline.link("auth0|0").created_contact
 
 
 def test_a_rejected_input_of_a_207_keeps_its_own_error_on_its_attempt(
@@ -301,7 +315,7 @@ def test_a_rejected_input_of_a_207_keeps_its_own_error_on_its_attempt(
         rows = session.execute(
             select(Delivery.subject, DeliveryAttempt.error_category, DeliveryAttempt.status_code)
             .join(DeliveryAttempt)
-            .where(DeliveryAttempt.request_summary.like("%upsert%"))
+            .where(DeliveryAttempt.request_summary.like("%create%"))
         ).all()
     by_subject = {row.subject: row for row in rows}
     assert by_subject["auth0|ok"].error_category is None

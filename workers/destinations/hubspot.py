@@ -4,7 +4,9 @@ The rules (DESIGN.md, "Delivery semantics for HubSpot"):
 
 - A linked user is updated by contact id, so an email change follows the person.
 - An unlinked user is looked up by its previous email, then its current one;
-  a contact found is adopted, otherwise one is upserted by lowercased email.
+  a contact found is adopted, otherwise one is created with the lowercased
+  email. A user without a previous email skips the lookup: creating is the
+  lookup, since a 409 names the contact that holds the email, which is adopted.
 - A contact held by another user's live link is never touched: ``contact_owned``.
 - Deprovisioning (a delete, or ``blocked: true``) archives the linked contact,
   or sets a property with ``DEPROVISION=mark``.
@@ -120,7 +122,7 @@ class _Write:
     """One input of a batch call, and how to read its result."""
 
     intent: Intent
-    target: str  # contact id (update, archive) or email (upsert)
+    target: str  # contact id (update, archive) or email (create)
     properties: dict[str, str] = field(default_factory=dict)
     adopted: bool = False  # found by email rather than linked
     linked: bool = False  # the target is the link's own id (a 404 means: relink)
@@ -129,7 +131,8 @@ class _Write:
 @dataclass
 class _Plan:
     updates: list[_Write] = field(default_factory=list)
-    upserts: list[_Write] = field(default_factory=list)
+    creates: list[_Write] = field(default_factory=list)
+    adoptions: list[_Write] = field(default_factory=list)  # found by a create's 409
     archives: list[_Write] = field(default_factory=list)
     lookups: list[Intent] = field(default_factory=list)
     relinks: list[Intent] = field(default_factory=list)
@@ -216,6 +219,8 @@ class HubSpotDestination:
             self._take(plan, plan.updates, write, outcomes)
         elif not user.deprovisioned and not (user.email or user.previous_email):
             outcomes[intent.key] = Outcome(Verdict.SKIPPED, reason="no_email")
+        elif not user.deprovisioned and user.email and user.previous_email in (None, user.email):
+            self._take(plan, plan.creates, _Write(intent, user.email, properties), outcomes)
         else:
             plan.lookups.append(intent)
 
@@ -239,7 +244,7 @@ class HubSpotDestination:
     def _resolve_lookups(
         self, plan: _Plan, outcomes: dict[str, Outcome], owned_elsewhere: OwnershipCheck
     ) -> None:
-        """Find unlinked users' contacts by email, then adopt, upsert or archive."""
+        """Find unlinked users' contacts by email, then adopt, create or archive."""
         emails = sorted({e for i in plan.lookups for e in self._emails(i) if e})
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(emails), BATCH_LIMIT):
@@ -299,7 +304,7 @@ class HubSpotDestination:
                 outcomes[intent.key] = Outcome(Verdict.SKIPPED, reason="no_email")
             else:
                 properties = self.desired_properties(user)
-                self._take(plan, plan.upserts, _Write(intent, user.email, properties), outcomes)
+                self._take(plan, plan.creates, _Write(intent, user.email, properties), outcomes)
             return
         contact_id = str(contact["id"])
         if user.deprovisioned and self.settings.deprovision == "archive":
@@ -343,7 +348,8 @@ class HubSpotDestination:
             if plan.lookups:
                 self._resolve_lookups(plan, outcomes, owned)
             self._send_updates(plan, plan.updates, outcomes)
-            self._send_upserts(plan.upserts, outcomes, owned)
+            self._send_creates(plan, plan.creates, outcomes, owned)
+            self._send_updates(plan, plan.adoptions, outcomes)
             self._send_archives(plan.archives, outcomes)
         except _BatchAborted as aborted:
             for intent in self._unfinished(plan, outcomes):
@@ -351,7 +357,8 @@ class HubSpotDestination:
             plan.relinks.clear()
 
     def _unfinished(self, plan: _Plan, outcomes: dict[str, Outcome]) -> list[Intent]:
-        queued = [w.intent for w in plan.updates + plan.upserts + plan.archives]
+        writes = plan.updates + plan.creates + plan.adoptions + plan.archives
+        queued = [w.intent for w in writes]
         return [i for i in plan.lookups + queued + plan.relinks if i.key not in outcomes]
 
     def _send_updates(
@@ -376,32 +383,39 @@ class HubSpotDestination:
                     write.intent, contact_id, properties=write.properties, created=created
                 )
 
-    def _send_upserts(
-        self, writes: list[_Write], outcomes: dict[str, Outcome], owned: OwnershipCheck
+    def _send_creates(
+        self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome], owned: OwnershipCheck
     ) -> None:
         def call(chunk: list[_Write]) -> BatchResult:
-            return self.client.batch_upsert_by_email(
-                [(w.intent.key, w.target, w.properties) for w in chunk]
-            )
+            return self.client.batch_create([(w.intent.key, w.target, w.properties) for w in chunk])
 
         for write, result in self._batches(writes, call, outcomes):
-            if isinstance(result, HubSpotError):
+            if isinstance(result, HubSpotConflict) and result.existing_id:
+                self._adopt(plan, write, result.existing_id, outcomes, owned)
+            elif isinstance(result, HubSpotError):
                 outcomes[write.intent.key] = self._error_outcome(result)
-                continue
-            contact_id = str(result["id"])
-            if owned(write.intent.user.subject, [contact_id]):
-                outcomes[write.intent.key] = Outcome(
-                    Verdict.FAILED,
-                    reason="contact_owned",
-                    message=f"contact {contact_id} belongs to another user's link",
+            else:
+                outcomes[write.intent.key] = self._success(
+                    write.intent, str(result["id"]), properties=write.properties, created=True
                 )
-                continue
-            outcomes[write.intent.key] = self._success(
-                write.intent,
-                contact_id,
-                properties=write.properties,
-                created=bool(result.get("new", False)),
+
+    def _adopt(
+        self,
+        plan: _Plan,
+        write: _Write,
+        contact_id: str,
+        outcomes: dict[str, Outcome],
+        owned: OwnershipCheck,
+    ) -> None:
+        """The email belongs to an existing contact: update it, unless another user holds it."""
+        if owned(write.intent.user.subject, [contact_id]):
+            outcomes[write.intent.key] = Outcome(
+                Verdict.FAILED,
+                reason="contact_owned",
+                message=f"contact {contact_id} belongs to another user's link",
             )
+            return
+        plan.adoptions.append(_Write(write.intent, contact_id, write.properties, adopted=True))
 
     def _send_archives(self, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
         for start in range(0, len(writes), self.batch_size):

@@ -258,6 +258,25 @@ class HubSpotClient:
         traces = {email.lower(): trace_id for trace_id, email, _ in inputs}
         return _batch_result(_json(response), traces, _result_email, self._redact)
 
+    def batch_create(self, inputs: list[BatchInput]) -> BatchResult:
+        """Create contacts; inputs are (trace id, email, properties).
+
+        A taken email fails only its own input, with a 409 whose message names the
+        existing contact (``HubSpotConflict.existing_id``).
+        """
+        _check_batch(inputs)
+        if not inputs:
+            return BatchResult()
+        body = {
+            "inputs": [
+                {"objectWriteTraceId": trace_id, "properties": dict(properties)}
+                for trace_id, _email, properties in inputs
+            ]
+        }
+        response = self._call("POST", f"{CONTACTS}/batch/create", body=body)
+        traces = {email.lower(): trace_id for trace_id, email, _ in inputs}
+        return _batch_result(_json(response), traces, _result_email, self._redact)
+
     def batch_update(self, inputs: list[BatchInput]) -> BatchResult:
         """Update contacts by id; inputs are (trace id, contact id, properties)."""
         _check_batch(inputs)
