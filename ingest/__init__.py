@@ -44,7 +44,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes
-    engine = make_engine(settings.database_url)
+    # No ping before each request: that is a round trip on every event. A dead
+    # pooled connection fails one request with 503 (Auth0 retries it) and is dropped.
+    engine = make_engine(settings.database_url, pool_pre_ping=False, pool_recycle=300)
     app.extensions["idsync"] = IngestState(
         settings=settings,
         engine=engine,

@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, case, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -26,6 +27,23 @@ from models.tables import (
     EventStatus,
     Link,
 )
+
+
+# Ingest runs these once per request: build them once per dialect, and run them
+# on the connection (Core), which skips the ORM's per-statement bookkeeping.
+@cache
+def _event_insert(dialect: str) -> Any:
+    module = postgresql if dialect == "postgresql" else sqlite
+    return (
+        module.insert(Event.__table__)
+        .on_conflict_do_nothing(index_elements=["source", "event_id"])
+        .returning(Event.__table__.c.id)
+    )
+
+
+@cache
+def _delivery_insert(dialect: str) -> Any:
+    return insert(Delivery.__table__)
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -82,13 +100,9 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
         "body_sha256": event.body_sha256,
         "payload": event.payload,
     }
-    statement = (
-        _insert(session, Event)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["source", "event_id"])
-        .returning(Event.id)
-    )
-    event_pk = session.execute(statement).scalar_one_or_none()
+    connection = session.connection()
+    dialect = connection.dialect.name
+    event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
     if event_pk is None:
         stored = session.execute(
             select(Event.body_sha256).where(
@@ -98,8 +112,8 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
         return Recorded(duplicate=True, event_pk=None, stored_sha256=stored)
     targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
     if targets:
-        session.execute(
-            _insert(session, Delivery),
+        connection.execute(
+            _delivery_insert(dialect),
             [
                 {
                     "event_pk": event_pk,
