@@ -43,7 +43,7 @@ def _event_insert(dialect: str) -> Any:
 
 @cache
 def _delivery_insert(dialect: str) -> Any:
-    return insert(Delivery.__table__)
+    return insert(Delivery)
 
 
 def _insert(session: Session, table: Any) -> Any:
