@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 class BatchReport:
     """What one batch did, for logs, metrics and tests."""
 
-    claimed: int = 0
+    claimed: int = 0  # deliveries
+    users: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
     def count(self, label: str, n: int = 1) -> None:
@@ -135,6 +136,7 @@ def run_batch(
     if not claim.users:
         return report
     report.claimed = len(claim.deliveries) + sum(len(u.lost) for u in claim.users)
+    report.users = len(claim.users)
     plans = [_plan_user(work) for work in claim.users]
     intents = [_intent(plan) for plan in plans if plan.newest is not None]
     outcomes: dict[str, Outcome] = {}

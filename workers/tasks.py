@@ -93,6 +93,9 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
             )
             if report.claimed == 0:
                 return handled
+            if report.users >= rt.settings.hubspot_batch_size:
+                # A full batch means a backlog: bring one more worker in (coalesced).
+                wake(destination)
             handled += report.claimed
             log.info(
                 "batch delivered", extra={"claimed": report.claimed, "outcomes": report.outcomes}
