@@ -81,8 +81,8 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
     try:
         while time.monotonic() < deadline:
             # Claim only when a request slot is free: a worker never sits on claimed
-            # users while it waits for the rate limit. The sweep wakes us again.
-            if not rt.limiter.wait_for_capacity(timeout=rt.settings.sweep_seconds):
+            # users while it waits for the rate limit, and waiting holds nothing.
+            if not rt.limiter.wait_for_capacity(timeout=max(1.0, deadline - time.monotonic())):
                 return handled
             report = run_batch(
                 sessions=rt.sessions,
