@@ -1,0 +1,309 @@
+"""The markdown report: one table (machine, ingest, delivery, naive), then notes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from bench.common import Machine, code_revision
+from bench.delivery import BacklogResult, DeliveryOptions, PhaseResult
+from bench.ingest import IngestOptions, IngestResult
+
+HEADER = ("benchmark", "measure", "result", "target", "met")
+
+
+@dataclass(frozen=True)
+class Row:
+    benchmark: str
+    measure: str
+    result: str
+    target: str = ""
+    met: str = ""
+
+
+@dataclass
+class Report:
+    """Rows and notes collected from whatever benchmarks ran."""
+
+    command: str
+    machine: Machine
+    load_generator: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    revision: str = field(default_factory=code_revision)
+
+    def markdown(self) -> str:
+        lines = [
+            f"# idsync benchmarks, {self.started:%Y-%m-%d %H:%M} UTC",
+            "",
+            f"`{self.command}`",
+            "",
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "---|" * len(HEADER),
+        ]
+        for row in self._machine_rows() + self.rows:
+            cells = (row.benchmark, row.measure, row.result, row.target, row.met)
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        if self.notes:
+            lines += ["", *(f"- {note}" for note in self.notes)]
+        return "\n".join(lines) + "\n"
+
+    def _machine_rows(self) -> list[Row]:
+        m = self.machine
+        return [
+            Row("machine", "CPU", m.cpu),
+            Row("machine", "cores", str(m.cores)),
+            Row("machine", "Python", m.python),
+            Row("machine", "PostgreSQL", m.postgres),
+            Row("machine", "Redis", m.redis),
+            Row("machine", "load generator", self.load_generator),
+            Row("code", "idsync revision", self.revision),
+        ]
+
+
+def number(value: float, digits: int = 0) -> str:
+    """``1234.5`` -> ``1,234`` (or with ``digits`` decimals); NaN as ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def verdict(value: float, limit: float, *, at_least: bool) -> str:
+    """``yes`` or ``no`` with how far from the target, relative to the target."""
+    if math.isnan(value):
+        return "n/a"
+    met = value >= limit if at_least else value <= limit
+    if met:
+        return "yes"
+    return f"no ({(value - limit) / limit:+.0%} vs target)"
+
+
+def verdict_below(value: float, limit: float) -> str:
+    """For strict upper bounds (``< limit``)."""
+    if math.isnan(value):
+        return "n/a"
+    return "yes" if value < limit else f"no ({(value - limit) / limit:+.0%} vs target)"
+
+
+# Ingest
+
+
+SERVER_LABELS = {
+    "idsync": "idsync `POST /events/auth0`",
+    "bare": "bare Flask: parse JSON, answer 202",
+    "floor": "floor: parse, INSERT one row, COMMIT",
+}
+
+
+def _client(options: IngestOptions) -> str:
+    if options.client == "wrk":
+        return f"wrk -t{options.threads} -c{options.connections}"
+    return f"Python client with {options.connections} connections (a process each)"
+
+
+def ingest_rows(result: IngestResult, cores: int) -> list[Row]:
+    rows = []
+    for name, label in SERVER_LABELS.items():
+        load = result.results[name]
+        rows.append(
+            Row(
+                "ingest",
+                label,
+                f"{number(load.rate)} req/s; p50 {number(load.percentile_ms(50), 1)} ms; "
+                f"p99 {number(load.percentile_ms(99), 1)} ms ({number(load.ok)} accepted)",
+            )
+        )
+    to_floor, to_bare, p99 = (
+        result.ratio("idsync", "floor"),
+        result.ratio("idsync", "bare"),
+        result.p99_ratio(),
+    )
+    rows += [
+        Row(
+            "ingest",
+            "idsync / floor, throughput",
+            f"{to_floor:.2f}x",
+            ">= 0.8x",
+            verdict(to_floor, 0.8, at_least=True),
+        ),
+        Row(
+            "ingest",
+            "idsync / bare, throughput",
+            f"{to_bare:.2f}x",
+            ">= 0.5x",
+            verdict(to_bare, 0.5, at_least=True),
+        ),
+        Row(
+            "ingest",
+            "idsync p99 / bare p99",
+            f"{p99:.2f}x",
+            "<= 3x",
+            verdict(p99, 3.0, at_least=False),
+        ),
+        Row(
+            "ingest",
+            "CPU ms per accepted request: server + PostgreSQL backend (+ Redis)",
+            "; ".join(
+                f"{name} {number(result.cpu_ms(name, 'app'), 2)} + "
+                f"{number(result.cpu_ms(name, 'postgres'), 2)}"
+                + (f" (+ {number(result.cpu_ms(name, 'redis'), 2)})" if name == "idsync" else "")
+                for name in SERVER_LABELS
+            ),
+        ),
+    ]
+    options = result.options
+    busy = sum(use.busy for use in result.cpu.values())
+    other = sum(use.other for use in result.cpu.values())
+    seconds = sum(load.seconds for load in result.results.values())
+    rows.append(
+        Row(
+            "ingest",
+            "setup",
+            f"gunicorn --workers {options.workers} (sync), {_client(options)}, "
+            f"{options.rounds} rounds x {number(options.round_seconds)} s per server "
+            f"(A B C ...) after {number(options.warmup_seconds)} s warm-up; machine busy "
+            f"{busy / seconds:.2f} of {cores} cores, of which "
+            f"{other / seconds:.2f} outside the benchmark",
+        )
+    )
+    return rows
+
+
+# Delivery and the naive comparison
+
+
+def _phase_label(phase: PhaseResult) -> str:
+    return {"created": "new users (`user.created`)", "updated": "linked users (`user.updated`)"}[
+        phase.phase.kind
+    ]
+
+
+def _requests_per_batch(phase: PhaseResult) -> str:
+    if not phase.synced:
+        return "n/a"
+    return f"{phase.requests / phase.synced * 100:.2f} requests per 100 contacts synced"
+
+
+def _requests(phase: PhaseResult) -> str:
+    calls = ", ".join(f"{route} {count}" for route, count in phase.by_route.items())
+    return (
+        f"{_requests_per_batch(phase)} ({calls}); request budget used "
+        f"{phase.budget_used:.2f} of {phase.allowed:g}/s"
+    )
+
+
+def _pacing(phase: PhaseResult, options: DeliveryOptions) -> str:
+    pacing = phase.pacing
+    if not pacing.gaps:
+        return "n/a"
+    ideal = options.window / options.rate_limit
+    return (
+        f"{pacing.mean_gap:.3f} s between requests on average (the limit allows "
+        f"{ideal:.3f} s); {pacing.after_full} of {pacing.gaps} gaps follow an answer with "
+        f"`X-HubSpot-RateLimit-Remaining: 0` and average {pacing.mean_after_full:.3f} s"
+    )
+
+
+def _cpu_per_thousand(phase: PhaseResult, cores: int) -> str:
+    if not phase.finished or phase.elapsed <= 0:
+        return "n/a"
+    parts = [
+        f"{name} {number(seconds * 1000 / phase.finished, 1)}"
+        for name, seconds in sorted(phase.cpu.items(), key=lambda item: -item[1])
+        if seconds >= 0.05
+    ]
+    return (
+        "; ".join(parts) + " CPU s per 1,000 deliveries; machine busy "
+        f"{phase.cores_busy:.2f} of {cores} cores, of which "
+        f"{phase.cores_other:.2f} outside the benchmark"
+    )
+
+
+def delivery_rows(result: BacklogResult, cores: int) -> list[Row]:
+    options = result.options
+    rows = []
+    for phase in result.phases:
+        share = phase.rate / options.ceiling
+        steady = f"; steady 10%-90%: {number(phase.steady_rate)}/s" if phase.steady_rate else ""
+        done = "" if phase.complete else " (timed out: partial)"
+        rows += [
+            Row(
+                "delivery",
+                f"contacts synced per second, {_phase_label(phase)}",
+                f"{number(phase.rate)}/s = {share:.2f} x ceiling {number(options.ceiling)}/s "
+                f"({number(phase.synced)} of {number(phase.phase.events)} in "
+                f"{number(phase.elapsed, 1)} s{steady}){done}",
+                ">= 0.9x ceiling",
+                verdict(share, 0.9, at_least=True),
+            ),
+            Row(
+                "delivery",
+                f"requests answered 429, {_phase_label(phase)}",
+                f"{phase.share_429:.2%} ({phase.rate_limited} of {phase.requests}); "
+                + _requests(phase),
+                "< 1%",
+                verdict_below(phase.share_429, 0.01),
+            ),
+            Row("delivery", f"request pacing, {_phase_label(phase)}", _pacing(phase, options)),
+            Row("delivery", f"CPU, {_phase_label(phase)}", _cpu_per_thousand(phase, cores)),
+        ]
+    peak = max(result.memory_kb.values(), default=0) / 1024
+    each = ", ".join(f"{label} {kb / 1024:.0f}" for label, kb in result.memory_kb.items())
+    rows += [
+        Row(
+            "delivery",
+            "peak memory per celery worker process (VmHWM)",
+            f"max {peak:.0f} MB ({each} MB)",
+            "< 250 MB",
+            verdict_below(peak, 250),
+        ),
+        Row(
+            "delivery",
+            "setup",
+            f"fake HubSpot and HUBSPOT_RATE_LIMIT {options.rate_limit}/{options.window:g}s; "
+            f"one `celery -A workers worker --concurrency {options.concurrency}` and beat "
+            f"(SWEEP_SECONDS={options.sweep_seconds:g}); HUBSPOT_BATCH_SIZE="
+            f"{result.batch_size}; backlog written to the outbox before the wake-up",
+        ),
+    ]
+    return rows
+
+
+def capacity_row(result: BacklogResult, limited: DeliveryOptions) -> Row:
+    """The workers' own pace with no rate limit, next to the ceiling of the limited runs."""
+    rates = "; ".join(
+        f"{_phase_label(phase)} {number(phase.rate)}/s ({number(phase.synced)} in "
+        f"{number(phase.elapsed, 1)} s; machine busy {phase.cores_busy:.2f} cores, "
+        f"{phase.cores_other:.2f} of them outside the benchmark)"
+        for phase in result.phases
+    )
+    return Row(
+        "delivery",
+        f"capacity without a rate limit (same workers), vs the ceiling "
+        f"{number(limited.ceiling)}/s below",
+        rates,
+    )
+
+
+def naive_rows(naive: BacklogResult, batched: PhaseResult, batched_source: str) -> list[Row]:
+    phase = naive.phases[0]
+    ratio = batched.rate / phase.rate if phase.rate else float("nan")
+    return [
+        Row(
+            "naive",
+            "one call per event (`HUBSPOT_BATCH_SIZE=1`), new users",
+            f"{number(phase.rate, 2)}/s ({number(phase.synced)} of {number(phase.phase.events)} "
+            f"synced in {number(phase.elapsed, 1)} s; {phase.share_429:.1%} 429s; "
+            f"{_requests_per_batch(phase)})",
+        ),
+        Row(
+            "naive",
+            "batched / one call per event, contacts per second",
+            f"{number(ratio, 1)}x ({number(batched.rate)}/s {batched_source} vs "
+            f"{number(phase.rate, 2)}/s)",
+            ">= 20x",
+            verdict(ratio, 20, at_least=True),
+        ),
+    ]
