@@ -293,7 +293,7 @@ def live_contacts_of_others(
         select(Link.external_id).where(
             Link.destination == destination,
             Link.external_id.in_(ids),
-            Link.deprovisioned.is_(False),
+            ~Link.deprovisioned,  # as the partial index says it, so it is used
             Link.id.not_in(list(link_ids)),
         )
     ).all()
@@ -370,7 +370,7 @@ def owned_elsewhere(
         select(Link.external_id).where(
             Link.destination == destination,
             Link.external_id.in_(ids),
-            Link.deprovisioned.is_(False),
+            ~Link.deprovisioned,  # as the partial index says it, so it is used
             or_(Link.source != source, Link.subject != subject),
         )
     ).all()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from idsync.settings import Settings
 from tests.conftest import REDIS_URL
 from tests.processes import PrivateRedis, flush_prefix
 from workers.ratelimit import LimiterTimeout, LocalRateLimiter, RedisRateLimiter
@@ -104,3 +105,22 @@ def test_waiting_for_capacity_takes_no_slot(redis_prefix: str) -> None:
     assert local.wait_for_capacity(timeout=0.1) and local.wait_for_capacity(timeout=0.1)
     local.acquire(timeout=1)
     assert not local.wait_for_capacity(timeout=0.1)
+
+
+def test_remaining_zero_blocks_only_when_someone_else_spends_the_budget(
+    settings: Settings,
+) -> None:
+    from workers.destinations.hubspot import HubSpotDestination
+
+    limiter = LocalRateLimiter(limit=2, window=10)
+    destination = HubSpotDestination(settings, limiter)
+    limiter.acquire(timeout=1)
+    limiter.acquire(timeout=1)
+    destination._window_spent(5.0)  # our window is full too: it paces by itself
+    assert limiter._blocked_until == 0.0
+    other = LocalRateLimiter(limit=2, window=10)
+    second = HubSpotDestination(settings, other)
+    second._window_spent(5.0)  # we sent little, so others did: everyone waits
+    assert not other.wait_for_capacity(timeout=0)
+    destination.close()
+    second.close()

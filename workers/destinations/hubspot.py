@@ -174,8 +174,17 @@ class HubSpotDestination:
         if info is not None and self._on_rate_limit_info is not None:
             self._on_rate_limit_info(info)
         if info is not None and info.remaining == 0 and info.interval_ms:
-            # HubSpot says the window is spent (other apps may share it): everyone waits.
-            self.limiter.block_for(info.interval_ms / 1000)
+            self._window_spent(info.interval_ms / 1000)
+
+    def _window_spent(self, interval: float) -> None:
+        """HubSpot says no request is left in its window.
+
+        When our own window agrees (it is full too), it already paces the next
+        request. When it still has room, someone else spends this app's budget
+        (another integration, a second idsync): then everyone waits the window out.
+        """
+        if self.limiter.wait_for_capacity(timeout=0):
+            self.limiter.block_for(interval)
 
     # Planning
 
