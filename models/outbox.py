@@ -359,24 +359,6 @@ def _params(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
     return {"row_id": row["id"], **{f"new_{column}": row[column] for column in columns}}
 
 
-def owned_elsewhere(
-    *, session: Session, destination: str, contact_ids: Iterable[str], source: str, subject: str
-) -> set[str]:
-    """Those of ``contact_ids`` that another user's live link holds."""
-    ids = list(contact_ids)
-    if not ids:
-        return set()
-    rows = session.scalars(
-        select(Link.external_id).where(
-            Link.destination == destination,
-            Link.external_id.in_(ids),
-            ~Link.deprovisioned,  # as the partial index says it, so it is used
-            or_(Link.source != source, Link.subject != subject),
-        )
-    ).all()
-    return {row for row in rows if row is not None}
-
-
 # Sweep and pauses
 
 

@@ -34,7 +34,6 @@ from models.outbox import (
     claim_due,
     destination_state,
     live_contacts_of_others,
-    owned_elsewhere,
     set_paused,
     still_held,
     write_deliveries,
@@ -201,16 +200,15 @@ def _bound(delivery: Delivery | None) -> AbstractContextManager[None]:
 
 def _ownership_check(sessions: sessionmaker[Session], name: str, claim: Claim) -> OwnershipCheck:
     """The destination's question "does another user hold this contact?", answered here."""
-    sources = {work.link.subject: work.link.source for work in claim.users}
+    link_of = {work.link.subject: work.link.id for work in claim.users}
 
     def check(subject: str, contact_ids: Iterable[str]) -> set[str]:
         with sessions() as session:
-            return owned_elsewhere(
+            return live_contacts_of_others(
                 session=session,
                 destination=name,
                 contact_ids=contact_ids,
-                source=sources[subject],
-                subject=subject,
+                link_ids=[link_of[subject]],
             )
 
     return check
