@@ -65,7 +65,6 @@ DELIVERY_KEYS: list[Key] = [
     ("  models/outbox.py:claim_due", "models/outbox.py", "claim_due"),
     ("  HubSpotDestination.deliver", "workers/destinations/hubspot.py", "deliver"),
     ("    HTTP to the fake (requests)", "requests/sessions.py", "request"),
-    ("    models/outbox.py:owned_elsewhere (per user)", "models/outbox.py", "owned_elsewhere"),
     ("  models/outbox.py:live_contacts_of_others", "models/outbox.py", "live_contacts_of_others"),
     ("  recording outcomes: _Recorder.record_user", "workers/delivery.py", "record_user"),
     ("  recording outcomes: _Recorder.flush", "workers/delivery.py", "flush"),
