@@ -385,10 +385,14 @@ def set_paused(
 ) -> None:
     """Pause or resume a destination; a paused one is probed again after ``probe_after``."""
     now = db_now(session)
-    state = session.get(DestinationState, name, with_for_update=True)
-    if state is None:
-        state = DestinationState(name=name)
-        session.add(state)
+    # Two workers may pause at once: create the row race-free, then lock it.
+    session.execute(
+        _insert(session, DestinationState)
+        .values(name=name)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    state = session.get(DestinationState, name, with_for_update=True, populate_existing=True)
+    assert state is not None
     if by == "auto" and state.paused and state.paused_by == "operator":
         return  # an operator's pause is only lifted by an operator
     state.paused = paused
