@@ -6,6 +6,7 @@ webhook, ``run_batch`` and the fake HubSpot, using test_pipeline's ``Pipeline``.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -29,11 +30,12 @@ from models.operations import (
     resume_destination,
     resync,
 )
-from models.outbox import claim_due, destination_state
+from models.outbox import claim_due, destination_state, set_paused
 from models.tables import (
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
+    DestinationState,
     Event,
     EventStatus,
     Link,
@@ -450,3 +452,27 @@ def test_operator_pause_is_not_lifted_by_the_probe(
     with sessions() as session:
         state = destination_state(session=session, name="hubspot")
         assert state is not None and not state.paused
+
+
+def test_two_workers_pausing_at_once_both_succeed(sessions: Any) -> None:
+    """Workers that meet a 401 together both pause the destination, without a conflict."""
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def pause() -> None:
+        try:
+            with transaction(sessions) as session:
+                barrier.wait(timeout=5)
+                set_paused(session=session, name="hubspot", paused=True, reason="401", by="auto")
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=pause) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        state = session.get(DestinationState, "hubspot")
+        assert state is not None and state.paused and state.paused_reason == "401"
