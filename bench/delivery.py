@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,14 @@ from bench.common import (
     status_kb,
 )
 from idsync.settings import Settings
-from idsync.stack import Stack, beat_command, free_port, migrate_command, worker_command
+from idsync.stack import (
+    Stack,
+    beat_command,
+    fake_hubspot_command,
+    free_port,
+    migrate_command,
+    worker_command,
+)
 from ingest.publish import Waker
 from ingest.validation import to_new_event
 from models.db import make_engine
@@ -460,19 +466,7 @@ def run_backlog(
         try:
             stack.start(
                 "fake",
-                [
-                    sys.executable,
-                    "-m",
-                    "idsync.fake_hubspot",
-                    "--port",
-                    str(port),
-                    "--token",
-                    HUBSPOT_TOKEN,
-                    "--rate-limit",
-                    str(options.rate_limit),
-                    "--window",
-                    f"{options.window:g}",
-                ],
+                fake_hubspot_command(port, HUBSPOT_TOKEN, options.rate_limit, options.window),
             )
             stack.wait_for_http(f"{fake_url}/_fake/stats", timeout=60)
             fake = _Fake(fake_url)

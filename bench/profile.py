@@ -27,7 +27,7 @@ from bench.common import ROOT, cpu_seconds, own_database, own_redis_prefix, stac
 from bench.ingest import IDSYNC_APP, INGEST_TOKEN, IngestOptions, body_parts, server_command
 from bench.load import LoadSpec, run_load
 from bench.sampler import Samples
-from idsync.stack import Stack, free_port, migrate_command
+from idsync.stack import Stack, fake_hubspot_command, free_port, migrate_command
 
 PROJECT_DIRS = tuple(f"{ROOT / name}/" for name in ("ingest", "models", "workers", "idsync"))
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -359,7 +359,6 @@ def profile_limiter(
     worker for the whole interval when HubSpot reports ``Remaining: 0``. Between
     requests it does ``gap`` seconds of other work, as a worker does with the database.
     """
-    import sys
     import time
 
     import redis as redis_client
@@ -376,19 +375,7 @@ def profile_limiter(
     stack = Stack(env={}, workdir=workdir)
     stack.start(
         "fake",
-        [
-            sys.executable,
-            "-m",
-            "idsync.fake_hubspot",
-            "--port",
-            str(port),
-            "--token",
-            HUBSPOT_TOKEN,
-            "--rate-limit",
-            str(limit),
-            "--window",
-            f"{window:g}",
-        ],
+        fake_hubspot_command(port, HUBSPOT_TOKEN, limit, window),
     )
     settings = Settings(
         hubspot_token=HUBSPOT_TOKEN, hubspot_base_url=url, hubspot_rate_limit=f"{limit}/{window:g}s"

@@ -76,6 +76,23 @@ def worker_command(concurrency: int = 2, name: str = "worker") -> list[str]:
     ]
 
 
+def fake_hubspot_command(port: int, token: str, rate_limit: int, window: float) -> list[str]:
+    """The HubSpot simulator as a process of its own (benchmarks run it apart)."""
+    return [
+        sys.executable,
+        "-m",
+        "idsync.fake_hubspot",
+        "--port",
+        str(port),
+        "--token",
+        token,
+        "--rate-limit",
+        str(rate_limit),
+        "--window",
+        f"{window:g}",
+    ]
+
+
 def beat_command(schedule_file: Path) -> list[str]:
     return [
         _bin("celery"),
