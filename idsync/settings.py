@@ -21,6 +21,9 @@ EMBEDDED_BROKER_URL = "sqla+sqlite:///idsync-broker.db"
 # About a day in twelve attempts: a few seconds first, then hours.
 DEFAULT_RETRY_SCHEDULE = "5s,15s,1m,5m,15m,30m,1h,2h,3h,4h,6h,8h"
 
+# Seconds of a lease kept free for recording a batch's outcomes after its last call.
+LEASE_MARGIN_SECONDS = 5.0
+
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -75,13 +78,15 @@ class Settings(BaseSettings):
     hubspot_timezone: str = "UTC"
     hubspot_property_map: str | None = None
     hubspot_batch_size: int = Field(default=100, ge=1, le=100)
-    hubspot_timeout_seconds: float = 10.0
+    hubspot_timeout_seconds: float = Field(default=10.0, gt=0)
+    hubspot_connect_timeout_seconds: float = Field(default=3.05, gt=0)
     deprovision: Literal["archive", "mark"] = "archive"
     deprovision_property: str = "idsync_deprovisioned"
 
     retry_schedule: CommaList = tuple(DEFAULT_RETRY_SCHEDULE.split(","))
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
     lease_seconds: float = 120.0
+    settle_seconds: float = Field(default=120.0, gt=0)
     sweep_seconds: float = 5.0
     pause_probe_seconds: float = 60.0
     wakeup_token_seconds: float = 2.0
@@ -138,7 +143,40 @@ class Settings(BaseSettings):
             raise ValueError("HUBSPOT_BASE_URL must use https:// (plain http only on loopback)")
         return self
 
+    @model_validator(mode="after")
+    def _lease_outlasts_calls(self) -> Settings:
+        # A batch starts no call after its deadline, and every call ends by its own:
+        # two calls' worth plus a margin for recording keeps every write inside the lease.
+        minimum = 2 * self.call_seconds + LEASE_MARGIN_SECONDS
+        if self.lease_seconds < minimum:
+            raise ValueError(
+                f"LEASE_SECONDS={self.lease_seconds:g} is too short for "
+                f"HUBSPOT_CONNECT_TIMEOUT_SECONDS={self.hubspot_connect_timeout_seconds:g} and "
+                f"HUBSPOT_TIMEOUT_SECONDS={self.hubspot_timeout_seconds:g}: it must be at least "
+                f"2 x (connect timeout + timeout) + {LEASE_MARGIN_SECONDS:g} = {minimum:g}"
+            )
+        if self.settle_seconds <= self.call_seconds:
+            raise ValueError(
+                f"SETTLE_SECONDS={self.settle_seconds:g} must be longer than one call's "
+                f"deadline (connect timeout + timeout = {self.call_seconds:g})"
+            )
+        return self
+
     # Derived values, in the units the code uses.
+
+    @property
+    def call_seconds(self) -> float:
+        """The wall-clock deadline of one HTTP call to a destination."""
+        return self.hubspot_connect_timeout_seconds + self.hubspot_timeout_seconds
+
+    @property
+    def batch_seconds(self) -> float:
+        """How long after its claim a batch may still start a call.
+
+        A call started at the deadline ends one call later, which leaves the
+        margin of the lease for recording the outcomes.
+        """
+        return self.lease_seconds - self.call_seconds - LEASE_MARGIN_SECONDS
 
     @property
     def effective_redis_url(self) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from models.db import db_now
@@ -300,6 +301,121 @@ def live_contacts_of_others(
     return {row for row in rows if row is not None}
 
 
+def hold_contact(*, session: Session, link_id: int, token: str, external_id: str) -> bool:
+    """Point a held link at ``external_id`` unless another user's live link holds it.
+
+    The unique index on live links decides, so two workers adopting one contact
+    at once cannot both win: the loser's savepoint rolls back and it gets False.
+    False too when ``token`` no longer holds the link (nothing may be written then).
+    """
+    try:
+        with session.begin_nested():
+            changed = session.execute(
+                update(Link)
+                .where(Link.id == link_id, Link.lease_token == token)
+                .values(external_id=external_id, deprovisioned=False)
+            ).rowcount  # type: ignore[attr-defined]
+    except IntegrityError:
+        return False
+    return bool(changed)
+
+
+def flag_conflict(
+    *, session: Session, destination: str, link_ids: Iterable[int], external_id: str, note: str
+) -> None:
+    """Flag ``link_ids`` and the live link holding ``external_id``: two users share a record.
+
+    The flag is its own column, written without the hold, so a worker that holds
+    the other link cannot overwrite it with what it read at its claim.
+    """
+    session.execute(
+        update(Link)
+        .where(
+            Link.destination == destination,
+            or_(
+                Link.id.in_(list(link_ids)),
+                and_(Link.external_id == external_id, ~Link.deprovisioned),
+            ),
+        )
+        .values(conflict=note)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def give_back_reclaims(*, session: Session, delivery_ids: Iterable[int], token: str) -> None:
+    """Undo the reclaim count of deliveries another worker took while ``token`` was alive.
+
+    A slow destination made the lease run out, not a crash: such a reclaim must
+    not count toward ``worker_lost``.
+    """
+    ids = list(delivery_ids)
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id.in_(ids),
+                Delivery.reclaims > 0,
+                or_(Delivery.lease_token.is_(None), Delivery.lease_token != token),
+            )
+            .values(reclaims=Delivery.reclaims - 1)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def reopen_unsettled(*, session: Session, destination: str, limit: int = 500) -> int:
+    """Queue a verification for users whose uncertain window has passed.
+
+    A write with an unknown outcome can land until ``links.uncertain_until``.
+    Once that has passed, the user's newest succeeded delivery goes back to
+    pending with ``force``; the worker reads the record back and re-sends only
+    what differs. Users with work on its way are left to that work; a user with
+    nothing to send again is simply settled. Safe to run twice.
+    """
+    now = db_now(session)
+    links = session.execute(
+        select(Link.id, Link.source, Link.subject)
+        .where(
+            Link.destination == destination,
+            Link.uncertain_until <= now,
+            or_(Link.lease_token.is_(None), Link.lease_expires_at < now),
+        )
+        .limit(limit)
+    ).all()
+    reopened = 0
+    for link_id, source, subject in links:
+        theirs = session.scalars(
+            select(Delivery)
+            .where(
+                Delivery.destination == destination,
+                Delivery.source == source,
+                Delivery.subject == subject,
+            )
+            .options(selectinload(Delivery.event))
+        ).all()
+        if any(d.status in (DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS) for d in theirs):
+            continue
+        applied = [d for d in theirs if d.status is DeliveryStatus.SUCCEEDED and d.event.payload]
+        if not applied:
+            session.execute(update(Link).where(Link.id == link_id).values(uncertain_until=None))
+            continue
+        newest = max(applied, key=lambda d: event_order_key(d.event))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == newest.id, Delivery.status == DeliveryStatus.SUCCEEDED)
+            .values(
+                status=DeliveryStatus.PENDING,
+                force=True,
+                reason=None,
+                next_attempt_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        reopened += 1
+    return reopened
+
+
 LINK_STATE = (
     "last_order_key",
     "external_id",
@@ -307,6 +423,7 @@ LINK_STATE = (
     "properties_hash",
     "last_email",
     "deprovisioned",
+    "uncertain_until",
 )
 DELIVERY_STATE = (
     "status",

@@ -163,6 +163,14 @@ class Link(Base):
             postgresql_where=text("external_id IS NOT NULL AND NOT deprovisioned"),
             sqlite_where=text("external_id IS NOT NULL AND NOT deprovisioned"),
         ),
+        # The verification sweep looks for links whose uncertain window has passed.
+        Index(
+            "ix_links_uncertain_until",
+            "destination",
+            "uncertain_until",
+            postgresql_where=text("uncertain_until IS NOT NULL"),
+            sqlite_where=text("uncertain_until IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -181,6 +189,13 @@ class Link(Base):
     )
     lease_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A call whose outcome is unknown (a timeout, a connection lost after sending) may
+    # still land until then: the next write reads back first, and a verification
+    # runs when the window has passed.
+    uncertain_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when two users ended on one contact: their deliveries fail ``contact_owned``
+    # without a call until ``idsync resync --subject`` clears it.
+    conflict: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = _now_column()
 
 

@@ -126,7 +126,11 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
         hubspot_base_url="http://127.0.0.1:1",
         retry_schedule="0.1s,0.2s,0.3s,0.5s",
         retry_jitter=0,
-        lease_seconds=3,
+        # The shortest lease the start-up rule allows for these call timeouts.
+        hubspot_connect_timeout_seconds=0.5,
+        hubspot_timeout_seconds=1.0,
+        lease_seconds=8,
+        settle_seconds=3,
         sweep_seconds=0.5,
         pause_probe_seconds=0.5,
     )

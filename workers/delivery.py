@@ -6,15 +6,19 @@ the Celery task around it only loops and hands over.
 1. Claim up to a batch of users with due work (each held by a lease on its link).
 2. Per user, drop events older than the last applied one (``stale``) and send
    only the newest: Auth0 sends the whole user, so the newest event is the truth.
+   The destination starts no call after the batch deadline, which lies well
+   inside the lease, so no write lands after the hold is gone.
 3. Write every outcome with a compare-and-set on the user's hold; older events
-   of the user become ``stale`` only once the newest has succeeded.
+   of the user become ``stale`` only once the newest has succeeded. Every
+   intent ends with an outcome, whatever the destination raised, and one
+   user's bad row cannot roll back the others'.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,8 +26,10 @@ from typing import Any
 
 import structlog
 from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from idsync.logs import scrub
 from idsync.settings import Settings
 from models.db import db_now, transaction
 from models.outbox import (
@@ -33,6 +39,9 @@ from models.outbox import (
     UserWork,
     claim_due,
     destination_state,
+    flag_conflict,
+    give_back_reclaims,
+    hold_contact,
     live_contacts_of_others,
     set_paused,
     still_held,
@@ -41,11 +50,11 @@ from models.outbox import (
 )
 from models.tables import FINISHED, Delivery, DeliveryAttempt, DeliveryStatus
 from workers.destinations.base import (
+    CallSummary,
     Destination,
     Intent,
     LinkState,
     Outcome,
-    OwnershipCheck,
     UserState,
     Verdict,
 )
@@ -86,17 +95,32 @@ def _plan_user(work: UserWork) -> _UserPlan:
     return _UserPlan(work=work, stale=stale, newest=newest, older=live[:-1])
 
 
-def _intent(plan: _UserPlan) -> Intent:
+def _intent(plan: _UserPlan, now: datetime) -> Intent | Outcome:
+    """What to ask the destination for the user's newest delivery, or its outcome now."""
     assert plan.newest is not None
     event, link = plan.newest.event, plan.work.link
+    if link.conflict:
+        return Outcome(
+            Verdict.FAILED,
+            reason="contact_owned",
+            message=f"{link.conflict}; once resolved, run: idsync resync --subject {link.subject}",
+        )
+    if not event.payload:
+        # Retention or forget cleared it: sending nothing would clear the contact.
+        return Outcome(Verdict.SKIPPED, reason="purged")
+    uncertain_until = link.uncertain_until
     return Intent(
         key=str(plan.newest.id),
-        user=UserState.from_event(event.type, event.payload or {}),
+        user=UserState.from_event(event.type, event.payload),
         link=LinkState(
             external_id=link.external_id,
             deprovisioned=link.deprovisioned,
             properties_hash=link.properties_hash,
             last_email=link.last_email,
+            uncertain=uncertain_until is not None,
+            settling_for=max(0.0, (uncertain_until - now).total_seconds())
+            if uncertain_until
+            else 0.0,
         ),
         force=plan.newest.force,
     )
@@ -121,6 +145,8 @@ def run_batch(
     """Claim, deliver and record one batch of ``destination``'s due work."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
     report = BatchReport()
+    # Counted from before the claim, so the deadline lies inside the lease it takes.
+    deadline = time.monotonic() + settings.batch_seconds
     with transaction(sessions) as session:
         if is_paused(session, settings, destination.name):
             return report
@@ -137,12 +163,18 @@ def run_batch(
     report.claimed = len(claim.deliveries) + sum(len(u.lost) for u in claim.users)
     report.users = len(claim.users)
     plans = [_plan_user(work) for work in claim.users]
-    intents = [_intent(plan) for plan in plans if plan.newest is not None]
     outcomes: dict[str, Outcome] = {}
+    intents: list[Intent] = []
+    for plan in plans:
+        if plan.newest is not None:
+            asked = _intent(plan, claim.now)
+            if isinstance(asked, Outcome):
+                outcomes[str(plan.newest.id)] = asked
+            else:
+                intents.append(asked)
+    holds = _ContactHolds(sessions, claim, plans)
     if intents:
-        outcomes = destination.deliver(
-            intents, owned_elsewhere=_ownership_check(sessions, destination.name, claim)
-        )
+        outcomes |= _deliver(destination, intents, holds, deadline)
     with transaction(sessions) as session:
         now = db_now(session)
         held = still_held(
@@ -153,18 +185,72 @@ def run_batch(
             now,
             rng,
             report,
+            destination=destination.name,
             taken=_taken_contacts(session, destination.name, claim, outcomes),
+            held_contacts=holds.held,
         )
+        lost: list[int] = []
         for plan in plans:
             if plan.work.link.id not in held:
                 # The lease expired and another worker took the user: its work is theirs.
                 log.warning("lost the hold on user %s", plan.work.link.subject)
+                lost += [d.id for d in plan.work.deliveries + plan.work.lost]
                 continue
             with _bound(plan.newest or _first(plan)):
                 recorder.record_user(plan, outcomes)
+        # This worker is alive: a reclaim its slowness caused is no sign of a crash.
+        give_back_reclaims(session=session, delivery_ids=lost, token=claim.token)
         recorder.flush(session, claim.token)
         _pause_if_asked(session, settings, destination.name, outcomes)
     return report
+
+
+def _deliver(
+    destination: Destination, intents: list[Intent], holds: _ContactHolds, deadline: float
+) -> dict[str, Outcome]:
+    """The destination's outcomes, one per intent, whatever it raised or left out."""
+    try:
+        outcomes = dict(destination.deliver(intents, claim=holds, deadline=deadline))
+        problem = "the destination gave no outcome for this delivery"
+    except Exception as error:
+        log.exception("destination %s raised while delivering a batch", destination.name)
+        outcomes = {}
+        problem = scrub(f"{type(error).__name__}: {error}")[:1000]
+    for intent in intents:
+        if intent.key not in outcomes:
+            outcomes[intent.key] = Outcome(
+                Verdict.RETRY,
+                reason="adapter_error",
+                message=problem,
+                calls=[CallSummary("(no outcome)", None, 0.0, "ADAPTER_ERROR", problem)],
+            )
+    return outcomes
+
+
+class _ContactHolds:
+    """The destination's question "may this user take this record?", answered atomically.
+
+    Keyed by intent (one delivery, so one (source, subject)), never by subject
+    alone: two sources may share a user id.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], claim: Claim, plans: list[_UserPlan]):
+        self.sessions = sessions
+        self.token = claim.token
+        self.link_of = {
+            str(plan.newest.id): plan.work.link.id for plan in plans if plan.newest is not None
+        }
+        self.held: dict[int, str] = {}  # link id -> the record its user now holds
+
+    def __call__(self, key: str, external_id: str) -> bool:
+        link_id = self.link_of[key]
+        with transaction(self.sessions) as session:
+            taken = hold_contact(
+                session=session, link_id=link_id, token=self.token, external_id=external_id
+            )
+        if taken:
+            self.held[link_id] = external_id
+        return taken
 
 
 def _taken_contacts(
@@ -198,22 +284,6 @@ def _bound(delivery: Delivery | None) -> AbstractContextManager[None]:
     )
 
 
-def _ownership_check(sessions: sessionmaker[Session], name: str, claim: Claim) -> OwnershipCheck:
-    """The destination's question "does another user hold this contact?", answered here."""
-    link_of = {work.link.subject: work.link.id for work in claim.users}
-
-    def check(subject: str, contact_ids: Iterable[str]) -> set[str]:
-        with sessions() as session:
-            return live_contacts_of_others(
-                session=session,
-                destination=name,
-                contact_ids=contact_ids,
-                link_ids=[link_of[subject]],
-            )
-
-    return check
-
-
 def _pause_if_asked(
     session: Session, settings: Settings, name: str, outcomes: dict[str, Outcome]
 ) -> None:
@@ -235,27 +305,47 @@ def _pause_if_asked(
 
 
 @dataclass
+class _UserRows:
+    """The rows decided for one user, kept together so that one user can be redone."""
+
+    plan: _UserPlan
+    links: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    conflict: tuple[str, str] | None = None  # (record id, note) shared with another user
+
+
+@dataclass
 class _Recorder:
     """Turns one batch's outcomes into rows, then writes them in a few statements.
 
-    ``taken`` holds the contact ids other users' live links hold: a success that
-    lands on one of them becomes ``contact_owned`` (two users, one contact).
+    ``taken`` holds the record ids other users' live links hold: a success that
+    lands on one of them (contacts merged in the destination) means two users
+    share a record: both links are flagged and the delivery fails ``contact_owned``.
+    ``held_contacts`` are the records users of this batch took before writing.
     """
 
     settings: Settings
     now: datetime
     rng: random.Random
     report: BatchReport
+    destination: str
     taken: set[str]
-    links: list[dict[str, Any]] = field(default_factory=list)
-    deliveries: list[dict[str, Any]] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    held_contacts: dict[int, str] = field(default_factory=dict)
+    users: list[_UserRows] = field(default_factory=list)
+
+    @property
+    def _rows(self) -> _UserRows:
+        return self.users[-1]
 
     def record_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
         """Decide every row of one user: its deliveries, its attempts and its link."""
+        self.users.append(_UserRows(plan))
         link = plan.work.link
         link_row = {column: getattr(link, column) for column in LINK_STATE} | {"id": link.id}
-        self.links.append(link_row)
+        if link.id in self.held_contacts:
+            link_row |= {"external_id": self.held_contacts[link.id], "deprovisioned": False}
+        self._rows.links.append(link_row)
         for delivery in plan.work.lost:
             reclaimed = f"reclaimed {delivery.reclaims - 1} times after its lease expired"
             self._finish(
@@ -266,6 +356,7 @@ class _Recorder:
         if plan.newest is None:
             return
         outcome = self._owned_check(outcomes[str(plan.newest.id)])
+        self._settle(outcome, link_row)
         self._attempts(plan.newest, outcome)
         if outcome.verdict in (Verdict.SUCCEEDED, Verdict.SKIPPED):
             self._apply(plan, outcome, link_row)
@@ -280,14 +371,27 @@ class _Recorder:
         if outcome.verdict is not Verdict.SUCCEEDED or not contact or outcome.deprovisioned:
             return outcome
         if contact in self.taken:
+            note = f"shares record {contact} with another user's link"
+            self._rows.conflict = (contact, note)
             return Outcome(
                 Verdict.FAILED,
                 reason="contact_owned",
-                message=f"contact {contact} belongs to another user's link",
+                message=f"{note}; both links are flagged until resolved",
                 calls=outcome.calls,
             )
         self.taken.add(contact)
         return outcome
+
+    def _settle(self, outcome: Outcome, link_row: dict[str, Any]) -> None:
+        """Open, keep or close the window in which a write with no answer may land."""
+        until = link_row["uncertain_until"]
+        if outcome.uncertain:
+            opened = self.now + timedelta(seconds=self.settings.settle_seconds)
+            link_row["uncertain_until"] = max(until, opened) if until else opened
+            if outcome.email and not link_row["external_id"]:
+                link_row["last_email"] = outcome.email  # where to look for the record
+        elif until is not None and until <= self.now and outcome.verdict is not Verdict.RETRY:
+            link_row["uncertain_until"] = None  # nothing can land any more, and this is done
 
     def _apply(self, plan: _UserPlan, outcome: Outcome, link_row: dict[str, Any]) -> None:
         """The newest state reached the destination (or needs nothing): move the link on."""
@@ -386,10 +490,10 @@ class _Recorder:
             "force": False if finished else delivery.force,
             **changes,
         }
-        self.deliveries.append(row)
+        self._rows.deliveries.append(row)
 
     def _attempts(self, delivery: Delivery, outcome: Outcome) -> None:
-        self.attempts.extend(
+        self._rows.attempts.extend(
             {
                 "delivery_id": delivery.id,
                 "duration_ms": call.duration_ms,
@@ -403,8 +507,64 @@ class _Recorder:
         )
 
     def flush(self, session: Session, token: str) -> None:
-        """Write everything decided: a handful of statements for the whole batch."""
-        write_deliveries(session=session, token=token, now=self.now, rows=self.deliveries)
-        write_links(session=session, token=token, now=self.now, rows=self.links)
-        if self.attempts:
-            session.execute(insert(DeliveryAttempt), self.attempts)
+        """Write everything decided: a handful of statements for the whole batch.
+
+        Should one user's rows be refused (another worker's user took the same
+        record a moment earlier), the batch is written again user by user, and
+        only that user's work is tried again, with the error on record.
+        """
+        try:
+            with session.begin_nested():
+                self._write(session, token, self.users)
+        except SQLAlchemyError:
+            log.warning("recording the batch at once failed; recording user by user")
+            for rows in self.users:
+                try:
+                    with session.begin_nested():
+                        self._write(session, token, [rows])
+                except SQLAlchemyError as error:
+                    with session.begin_nested():
+                        self._write(session, token, [self._refused(rows, error)])
+
+    def _write(self, session: Session, token: str, users: list[_UserRows]) -> None:
+        deliveries = [row for rows in users for row in rows.deliveries]
+        links = [row for rows in users for row in rows.links]
+        attempts = [row for rows in users for row in rows.attempts]
+        write_deliveries(session=session, token=token, now=self.now, rows=deliveries)
+        write_links(session=session, token=token, now=self.now, rows=links)
+        if attempts:
+            session.execute(insert(DeliveryAttempt), attempts)
+        for rows in users:
+            if rows.conflict:
+                external_id, note = rows.conflict
+                flag_conflict(
+                    session=session,
+                    destination=self.destination,
+                    link_ids=[rows.plan.work.link.id],
+                    external_id=external_id,
+                    note=note,
+                )
+
+    def _refused(self, rows: _UserRows, error: SQLAlchemyError) -> _UserRows:
+        """The user's rows when the database refused the ones decided: try it again."""
+        plan, link = rows.plan, rows.plan.work.link
+        cause = getattr(error, "orig", None) or error
+        message = scrub(f"recording failed: {type(cause).__name__}: {error}")[:1000]
+        log.error("recording user %s failed: %s", link.subject, message)
+        redo = _UserRows(plan)
+        keep = {column: getattr(link, column) for column in LINK_STATE} | {"id": link.id}
+        redo.links.append(keep)
+        self.users.append(redo)
+        shared = isinstance(error, IntegrityError) and "uq_links_live_external_id" in str(error)
+        outcome_id = next((row["external_id"] for row in rows.links if row["external_id"]), None)
+        if shared and outcome_id:
+            redo.conflict = (outcome_id, f"shares record {outcome_id} with another user's link")
+        for delivery in plan.work.deliveries:
+            self._finish(
+                delivery, DeliveryStatus.PENDING, next_attempt_at=self.now, last_error=message
+            )
+        if plan.newest is not None:
+            call = CallSummary("(recording)", None, 0.0, "RECORDING_ERROR", message)
+            self._attempts(plan.newest, Outcome(Verdict.RETRY, calls=[call]))
+        self.users.pop()
+        return redo

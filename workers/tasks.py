@@ -14,7 +14,7 @@ from idsync.logs import configure_logging
 from idsync.settings import Settings
 from ingest.publish import DELIVER_TASK, wakeup_key
 from models.db import transaction
-from models.outbox import has_due_work
+from models.outbox import has_due_work, reopen_unsettled
 from workers import app
 from workers.config import TASK_TIME_BUDGET_SECONDS
 from workers.delivery import is_paused, run_batch
@@ -108,12 +108,14 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
 
 @app.task(name="idsync.sweep", ignore_result=True)
 def sweep() -> None:
-    """Re-publish due or orphaned work, and probe paused destinations."""
+    """Re-publish due or orphaned work, verify settled uncertain writes, probe paused
+    destinations."""
     rt = runtime()
     for destination in rt.settings.destinations:
         with structlog.contextvars.bound_contextvars(destination=destination):
             probe_paused(rt, destination)
             with transaction(rt.sessions) as session:
+                reopen_unsettled(session=session, destination=destination)
                 due = not is_paused(session, rt.settings, destination) and has_due_work(
                     session=session, destination=destination
                 )

@@ -9,7 +9,7 @@ sessions or writes rows: the worker owns state.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,10 @@ class LinkState:
     deprovisioned: bool = False
     properties_hash: str | None = None
     last_email: str | None = None
+    # A call's outcome is unknown: read the record back before writing to it.
+    uncertain: bool = False
+    # Seconds until a write with an unknown outcome can no longer land (0: none can).
+    settling_for: float = 0.0
 
     @property
     def live_id(self) -> str | None:
@@ -109,11 +113,18 @@ class Outcome:
     # For RETRY: whether it spends the attempt budget, and a wait the destination named.
     counts_against_budget: bool = True
     retry_after: float | None = None
+    # A write was sent but its answer never came (timeout, lost connection): it may
+    # still land, so the link stays uncertain for SETTLE_SECONDS.
+    uncertain: bool = False
     calls: list[CallSummary] = field(default_factory=list)
 
 
-OwnershipCheck = Callable[[str, Iterable[str]], set[str]]
-"""(subject, contact ids) -> the ids among them that another user's live link holds."""
+ContactClaim = Callable[[str, str], bool]
+"""(intent key, record id) -> whether the intent's user now holds the record.
+
+Called before writing to a record found by a lookup: True once the user's link
+holds it (atomically, across workers), False when another user's live link does.
+"""
 
 
 class Destination(Protocol):
@@ -122,9 +133,13 @@ class Destination(Protocol):
     name: str
 
     def deliver(
-        self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck
+        self, intents: list[Intent], *, claim: ContactClaim, deadline: float
     ) -> dict[str, Outcome]:
-        """Bring each intent's user to its state; answer one outcome per intent key."""
+        """Bring each intent's user to its state; answer one outcome per intent key.
+
+        No call starts after ``deadline`` (a ``time.monotonic()`` value): what was
+        not sent by then answers RETRY without spending the budget.
+        """
         ...
 
     def probe(self) -> str | None:

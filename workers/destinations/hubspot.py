@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,10 @@ from idsync.logs import scrub
 from idsync.settings import Settings
 from workers.destinations.base import (
     CallSummary,
+    ContactClaim,
     Intent,
     LinkState,
     Outcome,
-    OwnershipCheck,
     UserState,
     Verdict,
 )
@@ -46,6 +49,7 @@ from workers.destinations.hubspot_api import (
     HubSpotError,
     HubSpotNotFound,
     HubSpotRateLimited,
+    HubSpotTransportError,
     RateLimitInfo,
 )
 from workers.ratelimit import LimiterTimeout, RateLimiter
@@ -58,6 +62,7 @@ DEFAULT_PROPERTY_MAP = {
     "phone_number": "phone",
 }
 BATCH_LIMIT = 100
+log = logging.getLogger(__name__)
 # A worker holding claims waits at most this long for a request slot, and never
 # more than a quarter of its lease, so that no claim expires while it waits.
 LIMITER_WAIT_SECONDS = 20.0
@@ -126,6 +131,7 @@ class _Write:
     properties: dict[str, str] = field(default_factory=dict)
     adopted: bool = False  # found by email rather than linked
     linked: bool = False  # the target is the link's own id (a 404 means: relink)
+    archive: bool = False  # a verification of an archive rather than an update
 
 
 @dataclass
@@ -135,6 +141,7 @@ class _Plan:
     adoptions: list[_Write] = field(default_factory=list)  # found by a create's 409
     archives: list[_Write] = field(default_factory=list)
     lookups: list[Intent] = field(default_factory=list)
+    verifies: list[_Write] = field(default_factory=list)  # read back, then write if needed
     relinks: list[Intent] = field(default_factory=list)
     taken: set[str] = field(default_factory=set)  # contact ids and emails in this batch
 
@@ -158,11 +165,13 @@ class HubSpotDestination:
         self.batch_size = settings.hubspot_batch_size
         self.limiter_wait = min(LIMITER_WAIT_SECONDS, settings.lease_seconds / 4)
         self._records: list[CallRecord] = []
+        self._deadline = float("inf")
+        self._uncertain: set[str] = set()  # intent keys of writes whose answer never came
         self._on_rate_limit_info = on_rate_limit_info
         self.client = client or HubSpotClient(
             settings.hubspot_base_url,
             settings.hubspot_token or "",
-            timeout=(3.05, settings.hubspot_timeout_seconds),
+            timeout=(settings.hubspot_connect_timeout_seconds, settings.hubspot_timeout_seconds),
             on_call=self._record,
         )
 
@@ -211,6 +220,15 @@ class HubSpotDestination:
         user, link = intent.user, intent.link
         contact_id = self._contact_id(intent)
         archiving = user.deprovisioned and self.settings.deprovision == "archive"
+        if link.uncertain and contact_id:
+            # An earlier write may have landed late: read back, then write what differs.
+            properties = {} if archiving else self.desired_properties(user)
+            write = _Write(intent, contact_id, properties, linked=True, archive=archiving)
+            self._take(plan, plan.verifies, write, outcomes)
+            return
+        if link.uncertain:
+            plan.lookups.append(intent)  # a create may have landed: look before creating
+            return
         if archiving:
             if contact_id:
                 self._take(plan, plan.archives, _Write(intent, contact_id, linked=True), outcomes)
@@ -251,7 +269,7 @@ class HubSpotDestination:
         queue.append(write)
 
     def _resolve_lookups(
-        self, plan: _Plan, outcomes: dict[str, Outcome], owned_elsewhere: OwnershipCheck
+        self, plan: _Plan, outcomes: dict[str, Outcome], claim: ContactClaim
     ) -> None:
         """Find unlinked users' contacts by email, then adopt, create or archive."""
         emails = sorted({e for i in plan.lookups for e in self._emails(i) if e})
@@ -262,7 +280,7 @@ class HubSpotDestination:
             found |= self._read_by_email(keys, chunk)
         for intent in plan.lookups:
             match = next((found[e] for e in self._emails(intent) if e in found), None)
-            self._plan_found(intent, match, plan, outcomes, owned_elsewhere)
+            self._plan_found(intent, match, plan, outcomes, claim)
 
     def _read_by_email(self, keys: list[str], emails: list[str]) -> dict[str, dict[str, Any]]:
         """Contacts by email; a 400 is split until the email HubSpot refuses is alone."""
@@ -286,7 +304,9 @@ class HubSpotDestination:
             if user.deprovisioned
             else [user.previous_email, user.email]
         )
-        return [email for email in ordered if email]
+        if intent.link.uncertain:
+            ordered.append(intent.link.last_email)  # where a create with no answer went
+        return list(dict.fromkeys(email for email in ordered if email))
 
     def _plan_found(
         self,
@@ -294,18 +314,23 @@ class HubSpotDestination:
         contact: dict[str, Any] | None,
         plan: _Plan,
         outcomes: dict[str, Outcome],
-        owned_elsewhere: OwnershipCheck,
+        claim: ContactClaim,
     ) -> None:
         user = intent.user
-        if contact is not None and owned_elsewhere(user.subject, [str(contact["id"])]):
-            outcomes[intent.key] = Outcome(
-                Verdict.FAILED,
-                reason="contact_owned",
-                message=f"contact {contact['id']} belongs to another user's link",
-            )
+        if contact is not None and not claim(intent.key, str(contact["id"])):
+            outcomes[intent.key] = _owned(str(contact["id"]))
             return
         if contact is None:
-            if user.deprovisioned:
+            if intent.link.settling_for > 0:
+                # A create with no answer may still land: creating now could make a twin.
+                outcomes[intent.key] = Outcome(
+                    Verdict.RETRY,
+                    reason="settling",
+                    message="an earlier write may still land; waiting before creating",
+                    counts_against_budget=False,
+                    retry_after=intent.link.settling_for,
+                )
+            elif user.deprovisioned:
                 outcomes[intent.key] = Outcome(
                     Verdict.SUCCEEDED, reason="not_found", deprovisioned=True
                 )
@@ -325,18 +350,21 @@ class HubSpotDestination:
     # Sending
 
     def deliver(
-        self, intents: list[Intent], *, owned_elsewhere: OwnershipCheck
+        self, intents: list[Intent], *, claim: ContactClaim, deadline: float
     ) -> dict[str, Outcome]:
-        """Bring each intent's user to its newest state in HubSpot."""
+        """Bring each intent's user to its newest state in HubSpot, starting no call after
+        ``deadline``."""
         outcomes: dict[str, Outcome] = {}
         calls: dict[str, list[CallSummary]] = {i.key: [] for i in intents}
         self._calls = calls
+        self._deadline = deadline
+        self._uncertain = set()
         pending = intents
         for _pass in range(2):  # the second pass re-plans users whose contact was deleted
             plan = _Plan()
             for intent in pending:
                 self._plan(intent, plan, outcomes)
-            self._run(plan, outcomes, owned_elsewhere)
+            self._run(plan, outcomes, claim)
             pending = [self._unlinked(intent) for intent in plan.relinks]
             if not pending:
                 break
@@ -344,31 +372,83 @@ class HubSpotDestination:
             outcomes[intent.key] = Outcome(
                 Verdict.RETRY, reason="relink", message="linked contact vanished twice"
             )
-        for key, outcome in outcomes.items():
-            outcome.calls = calls.get(key, [])
+        for intent in intents:
+            outcome = outcomes[intent.key]
+            outcome.calls = calls.get(intent.key, [])
+            if intent.key in self._uncertain:
+                outcome.uncertain = True
+                outcome.email = outcome.email or intent.user.email
         return outcomes
 
     @staticmethod
     def _unlinked(intent: Intent) -> Intent:
-        return Intent(key=intent.key, user=intent.user, link=LinkState(), force=intent.force)
+        link = LinkState(
+            last_email=intent.link.last_email,
+            uncertain=intent.link.uncertain,
+            settling_for=intent.link.settling_for,
+        )
+        return Intent(key=intent.key, user=intent.user, link=link, force=intent.force)
 
-    def _run(self, plan: _Plan, outcomes: dict[str, Outcome], owned: OwnershipCheck) -> None:
+    def _run(self, plan: _Plan, outcomes: dict[str, Outcome], claim: ContactClaim) -> None:
         try:
+            if plan.verifies:
+                self._read_back(plan, outcomes)
             if plan.lookups:
-                self._resolve_lookups(plan, outcomes, owned)
+                self._resolve_lookups(plan, outcomes, claim)
             self._send_updates(plan, plan.updates, outcomes)
-            self._send_creates(plan, plan.creates, outcomes, owned)
+            self._send_creates(plan, plan.creates, outcomes, claim)
             self._send_updates(plan, plan.adoptions, outcomes)
-            self._send_archives(plan.archives, outcomes)
+            self._send_archives(plan, plan.archives, outcomes)
         except _BatchAborted as aborted:
             for intent in self._unfinished(plan, outcomes):
                 outcomes[intent.key] = aborted.outcome()
             plan.relinks.clear()
+        except Exception as error:
+            # A bug or an answer of a shape nobody foresaw must not strand the batch:
+            # whatever has no outcome yet is tried again, and the error is on record.
+            log.exception("HubSpot batch failed unexpectedly")
+            outcome = _unexpected(error)
+            note = CallSummary(
+                "(no answer to record)", None, 0.0, "UNEXPECTED_ERROR", outcome.message
+            )
+            for intent in self._unfinished(plan, outcomes):
+                outcomes[intent.key] = outcome
+                self._calls.setdefault(intent.key, []).append(note)
+            plan.relinks.clear()
 
     def _unfinished(self, plan: _Plan, outcomes: dict[str, Outcome]) -> list[Intent]:
-        writes = plan.updates + plan.creates + plan.adoptions + plan.archives
+        writes = plan.verifies + plan.updates + plan.creates + plan.adoptions + plan.archives
         queued = [w.intent for w in writes]
         return [i for i in plan.lookups + queued + plan.relinks if i.key not in outcomes]
+
+    def _read_back(self, plan: _Plan, outcomes: dict[str, Outcome]) -> None:
+        """Read uncertain users' contacts; write only where HubSpot differs from the intent."""
+        names = sorted({name for write in plan.verifies for name in write.properties})
+        for start in range(0, len(plan.verifies), BATCH_LIMIT):
+            chunk = plan.verifies[start : start + BATCH_LIMIT]
+            ids = [write.target for write in chunk]
+            found: dict[str, dict[str, Any]] = self._call(
+                [w.intent.key for w in chunk], partial(self.client.batch_read, ids, names)
+            )
+            for write in chunk:
+                contact = found.get(write.target)
+                if write.archive and contact is None:
+                    outcomes[write.intent.key] = self._success(
+                        write.intent, write.target, note="verified", deprovisioned=True
+                    )
+                elif write.archive:
+                    plan.archives.append(write)
+                elif contact is None:
+                    plan.relinks.append(write.intent)
+                elif _holds(contact, write.properties):
+                    outcomes[write.intent.key] = self._success(
+                        write.intent,
+                        str(contact["id"]),
+                        note="verified",
+                        properties=write.properties,
+                    )
+                else:
+                    plan.updates.append(write)
 
     def _send_updates(
         self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome]
@@ -393,14 +473,14 @@ class HubSpotDestination:
                 )
 
     def _send_creates(
-        self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome], owned: OwnershipCheck
+        self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome], claim: ContactClaim
     ) -> None:
         def call(chunk: list[_Write]) -> BatchResult:
             return self.client.batch_create([(w.intent.key, w.target, w.properties) for w in chunk])
 
         for write, result in self._batches(writes, call, outcomes):
             if isinstance(result, HubSpotConflict) and result.existing_id:
-                self._adopt(plan, write, result.existing_id, outcomes, owned)
+                self._adopt(plan, write, result.existing_id, outcomes, claim)
             elif isinstance(result, HubSpotError):
                 outcomes[write.intent.key] = self._error_outcome(result)
             else:
@@ -414,32 +494,31 @@ class HubSpotDestination:
         write: _Write,
         contact_id: str,
         outcomes: dict[str, Outcome],
-        owned: OwnershipCheck,
+        claim: ContactClaim,
     ) -> None:
         """The email belongs to an existing contact: update it, unless another user holds it."""
-        if owned(write.intent.user.subject, [contact_id]):
-            outcomes[write.intent.key] = Outcome(
-                Verdict.FAILED,
-                reason="contact_owned",
-                message=f"contact {contact_id} belongs to another user's link",
-            )
+        if not claim(write.intent.key, contact_id):
+            outcomes[write.intent.key] = _owned(contact_id)
             return
         plan.adoptions.append(_Write(write.intent, contact_id, write.properties, adopted=True))
 
-    def _send_archives(self, writes: list[_Write], outcomes: dict[str, Outcome]) -> None:
-        for start in range(0, len(writes), self.batch_size):
-            chunk = writes[start : start + self.batch_size]
-            self._archive([w.intent.key for w in chunk], [w.target for w in chunk])
-            for write in chunk:
+    def _send_archives(
+        self, plan: _Plan, writes: list[_Write], outcomes: dict[str, Outcome]
+    ) -> None:
+        def call(chunk: list[_Write]) -> BatchResult:
+            self.client.batch_archive([w.target for w in chunk])
+            return BatchResult(results={w.intent.key: {"id": w.target} for w in chunk})
+
+        for write, result in self._batches(writes, call, outcomes):
+            if isinstance(result, HubSpotError):
+                outcomes[write.intent.key] = self._error_outcome(result)
+            else:
                 outcomes[write.intent.key] = self._success(
                     write.intent,
                     write.target,
                     deprovisioned=True,
                     created=None if write.linked else False,
                 )
-
-    def _archive(self, keys: list[str], contact_ids: list[str]) -> None:
-        self._call(keys, lambda: self.client.batch_archive(contact_ids))
 
     def _batches(
         self,
@@ -455,11 +534,11 @@ class HubSpotDestination:
         self, chunk: list[_Write], call: Callable[[list[_Write]], BatchResult]
     ) -> Iterable[tuple[_Write, Any]]:
         try:
-            result = self._call([w.intent.key for w in chunk], lambda: call(chunk))
-        except HubSpotBadRequest as error:
-            if error.missing_property or len(chunk) == 1:
-                if error.missing_property:
-                    raise _BatchAborted(error) from error
+            result = self._call([w.intent.key for w in chunk], lambda: call(chunk), write=True)
+        except (HubSpotBadRequest, HubSpotNotFound, HubSpotConflict) as error:
+            if isinstance(error, HubSpotBadRequest) and error.missing_property:
+                raise _BatchAborted(error) from error
+            if len(chunk) == 1:
                 yield chunk[0], error
                 return
             # One bad input fails a whole batch that HubSpot could not split itself.
@@ -488,15 +567,27 @@ class HubSpotDestination:
                 response_excerpt=_message(error)[:500],
             )
 
-    def _call(self, keys: list[str], send: Callable[[], Any]) -> Any:
-        """Send one request under the shared rate limit, recording it for ``keys``."""
+    def _call(self, keys: list[str], send: Callable[[], Any], *, write: bool = False) -> Any:
+        """Send one request under the shared rate limit, recording it for ``keys``.
+
+        No request starts after the batch deadline, and none waits past it for a slot.
+        """
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _BatchAborted(BatchDeadline())
         try:
-            self.limiter.acquire(self.limiter_wait)
+            self.limiter.acquire(min(self.limiter_wait, left))
         except LimiterTimeout as error:
             raise _BatchAborted(error) from error
+        if time.monotonic() >= self._deadline:
+            raise _BatchAborted(BatchDeadline())
         self._records.clear()
         try:
             return send()
+        except HubSpotTransportError as error:
+            if write and error.maybe_applied:
+                self._uncertain.update(keys)
+            raise _BatchAborted(error) from error
         except HubSpotRateLimited as error:
             wait = self._rate_limit_wait(error)
             self.limiter.block_for(wait)
@@ -557,6 +648,8 @@ class HubSpotDestination:
         )
 
     def _error_outcome(self, error: HubSpotError) -> Outcome:
+        if isinstance(error, HubSpotBadRequest) and error.missing_property:
+            return _BatchAborted(error).outcome()  # the mapping is wrong, not the user
         if isinstance(error, HubSpotBadRequest):
             return self._failure(error, "rejected")
         if isinstance(error, HubSpotConflict):
@@ -564,17 +657,70 @@ class HubSpotDestination:
         return _BatchAborted(error).outcome()
 
     def probe(self) -> str | None:
-        """Whether HubSpot accepts the token; None when it does."""
+        """Whether HubSpot accepts the token and knows every mapped property; None when so."""
         if not self.settings.hubspot_token:
             return "HUBSPOT_TOKEN is not set"
         try:
             self.limiter.acquire(self.limiter_wait)
             self.client.get_contact_by_email("idsync-probe@example.invalid")
+            return self._missing_properties()
         except (HubSpotAuthError, HubSpotBadRequest) as error:
             return _message(error)
         except (HubSpotError, LimiterTimeout) as error:
             return f"unreachable: {error}"
+
+    def _missing_properties(self) -> str | None:
+        """Which mapped properties HubSpot does not have (reading them needs a scope)."""
+        names = list(dict.fromkeys(self.mapping.values()))
+        if self.settings.deprovision == "mark":
+            names.append(self.settings.deprovision_property)
+        missing = []
+        for name in names:
+            self.limiter.acquire(self.limiter_wait)
+            try:
+                if self.client.get_property(name) is None:
+                    missing.append(name)
+            except HubSpotAuthError as error:
+                # A token without crm.schemas.contacts.read still syncs contacts.
+                log.warning("cannot verify the mapping: %s", _message(error))
+                return None
+        if missing:
+            return f"PROPERTY_DOESNT_EXIST: HubSpot has no contact properties {missing}"
         return None
+
+
+class BatchDeadline(Exception):
+    """The batch reached its deadline: no further call may start inside its lease."""
+
+    def __init__(self) -> None:
+        super().__init__("the batch reached its deadline before this call could start")
+
+
+def _owned(contact_id: str) -> Outcome:
+    return Outcome(
+        Verdict.FAILED,
+        reason="contact_owned",
+        message=f"contact {contact_id} belongs to another user's link",
+    )
+
+
+def _unexpected(error: Exception) -> Outcome:
+    return Outcome(
+        Verdict.RETRY,
+        reason="unexpected_error",
+        message=scrub(f"{type(error).__name__}: {error}")[:1000],
+    )
+
+
+def _holds(contact: dict[str, Any], properties: dict[str, str]) -> bool:
+    """Whether the contact already has every property as ``properties`` wants it."""
+    current = contact.get("properties") or {}
+    return all(
+        (current.get(name) or "").lower() == value
+        if name == "email"
+        else (current.get(name) or "") == value
+        for name, value in properties.items()
+    )
 
 
 class _BatchAborted(Exception):
@@ -587,6 +733,14 @@ class _BatchAborted(Exception):
 
     def outcome(self) -> Outcome:
         error = self.error
+        if isinstance(error, BatchDeadline):
+            return Outcome(
+                Verdict.RETRY,
+                reason="batch_deadline",
+                message=str(error),
+                counts_against_budget=False,
+                retry_after=0.0,
+            )
         if isinstance(error, LimiterTimeout):
             return Outcome(
                 Verdict.RETRY,

@@ -17,10 +17,12 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
+import urllib3
 
 from idsync.logs import mask_email, scrub
 
 CONTACTS = "/crm/v3/objects/contacts"
+PROPERTIES = "/crm/v3/properties/contacts"
 BATCH_LIMIT = 100
 EXCERPT_LIMIT = 500
 DEFAULT_TIMEOUT = (3.05, 10.0)
@@ -97,7 +99,19 @@ class HubSpotError(Exception):
 
 
 class HubSpotTransportError(HubSpotError):
-    """No answer: connection refused or reset, DNS failure, timeout."""
+    """No answer: connection refused or reset, DNS failure, timeout.
+
+    ``maybe_applied`` is True when the request may have reached HubSpot (a read
+    timed out, the connection dropped after sending): a write may still land.
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.maybe_applied = maybe_applied
+
+
+class CallDeadlineExceeded(requests.Timeout):
+    """The whole call, answer included, took longer than its deadline."""
 
 
 class HubSpotServerError(HubSpotError):
@@ -234,11 +248,41 @@ class HubSpotClient:
         }
         answer = _json(self._call("POST", f"{CONTACTS}/batch/read", body=body))
         contacts = {}
-        for contact in answer.get("results") or []:
+        for contact in _results(answer):
             email = (contact.get("properties") or {}).get("email")
             if email:
                 contacts[email.lower()] = contact
         return contacts
+
+    def batch_read(
+        self, contact_ids: list[str], properties: list[str] | None = None
+    ) -> dict[str, Contact]:
+        """Contact id -> contact for the ids that exist (archived ones are absent).
+
+        A merged id answers with the surviving contact, under the id that was asked.
+        """
+        wanted = list(dict.fromkeys(contact_ids))
+        _check_batch_size(wanted)
+        if not wanted:
+            return {}
+        body = {
+            "inputs": [{"id": contact_id} for contact_id in wanted],
+            "properties": list(dict.fromkeys(properties or [])),
+        }
+        answer = _json(self._call("POST", f"{CONTACTS}/batch/read", body=body))
+        contacts: dict[str, Contact] = {}
+        for contact in _results(answer):
+            asked = str(contact.get("id"))
+            merged = _as_list((contact.get("properties") or {}).get("hs_merged_object_ids"))
+            for contact_id in [asked, *merged]:
+                if contact_id in wanted:
+                    contacts[contact_id] = contact
+        return contacts
+
+    def get_property(self, name: str) -> dict[str, Any] | None:
+        """The contact property ``name`` (needs the crm.schemas.contacts.read scope), or None."""
+        path = f"{PROPERTIES}/{quote(name, safe='')}"
+        return self._get_or_none(path, {}, path)
 
     def batch_upsert_by_email(self, inputs: list[BatchInput]) -> BatchResult:
         """Create or update contacts keyed by email; inputs are (trace id, email, properties)."""
@@ -314,18 +358,27 @@ class HubSpotClient:
         body: dict[str, Any] | None = None,
         shown_path: str | None = None,
     ) -> requests.Response:
-        """Send one request, report it to ``on_call``, and raise the typed error for non-2xx."""
+        """Send one request, report it to ``on_call``, and raise the typed error for non-2xx.
+
+        The whole call, answer included, ends within connect + read timeout: the
+        read timeout of ``requests`` applies to each socket read, so a trickling
+        answer is read here against the call's own deadline.
+        """
         shown = (shown_path or path) + (f"?{urlencode(params)}" if params else "")
         started = time.perf_counter()
+        connect, read = self._timeout
+        deadline = time.monotonic() + connect + read
         try:
             response = self._session.request(
                 method,
                 self._base_url + path,
                 params=params,
                 json=body,
-                timeout=self._timeout,
+                timeout=(connect, read),
                 allow_redirects=False,
+                stream=True,
             )
+            _read_before(response, deadline)
         except requests.RequestException as exc:
             error = _transport_error(method, shown, exc)
             record = CallRecord(method, shown, None, _ms_since(started), error.category, None, None)
@@ -416,7 +469,55 @@ def _transport_error(method: str, shown_path: str, exc: requests.RequestExceptio
     else:
         category = "REQUEST_ERROR"
     message = f"no answer to {method} {shown_path}: {type(exc).__name__}"
-    return HubSpotTransportError(message, category=category)
+    return HubSpotTransportError(message, category=category, maybe_applied=_maybe_sent(exc))
+
+
+def _maybe_sent(exc: requests.RequestException) -> bool:
+    """Whether the request may have reached HubSpot before ``exc`` ended the call."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return not isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return True
+
+
+def _read_before(response: requests.Response, deadline: float) -> None:
+    """Read the whole answer by ``deadline``, or raise ``CallDeadlineExceeded``.
+
+    Before each read the socket's timeout shrinks to the time left, so no single
+    read can carry the call past its deadline.
+    """
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallDeadlineExceeded("the answer did not arrive within the call's deadline")
+            _set_socket_timeout(response, left)
+            chunk = response.raw.read(64 * 1024, decode_content=True)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as error:
+        response.close()
+        raise CallDeadlineExceeded(str(error)) from None
+    except urllib3.exceptions.HTTPError as error:
+        response.close()
+        raise requests.ConnectionError(str(error)) from None
+    except CallDeadlineExceeded:
+        response.close()
+        raise
+    # What iter_content would have left behind, so .json() and .text read it.
+    response._content = b"".join(chunks)
+    response._content_consumed = True  # type: ignore[attr-defined]
+
+
+def _set_socket_timeout(response: requests.Response, seconds: float) -> None:
+    connection = getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _batch_result(
@@ -428,13 +529,14 @@ def _batch_result(
     """Map a batch answer back to the inputs' trace ids (``traces`` maps input key -> trace)."""
     known = set(traces.values())
     outcome = BatchResult()
-    for result in answer.get("results") or []:
-        trace_id = result.get("objectWriteTraceId") or traces.get((key_of(result) or "").lower())
-        if trace_id in known:
+    for result in _results(answer):
+        trace_id = result.get("objectWriteTraceId") or traces.get(str(key_of(result) or "").lower())
+        if trace_id in known and result.get("id") is not None:
             outcome.results[trace_id] = result
     unmapped: list[HubSpotError] = []
-    for item in answer.get("errors") or []:
-        error = _error_from_answer(_CATEGORY_STATUS.get(item.get("category")), item, {}, redact)
+    for item in _results(answer, "errors"):
+        status = _CATEGORY_STATUS.get(str(item.get("category")))
+        error = _error_from_answer(status, item, {}, redact)
         trace_ids = _error_trace_ids(item, traces) & known
         for trace_id in trace_ids:
             outcome.errors[trace_id] = error
@@ -453,6 +555,17 @@ def _batch_result(
     return outcome
 
 
+def _results(answer: Mapping[str, Any], name: str = "results") -> list[dict[str, Any]]:
+    """The objects of a batch answer's list, or HubSpotServerError for another shape."""
+    items = answer.get(name) or []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise HubSpotServerError(
+            f"HubSpot answered a batch whose {name!r} is not a list of objects",
+            category="INVALID_RESPONSE",
+        )
+    return items
+
+
 def _error_trace_ids(item: Mapping[str, Any], traces: dict[str, str]) -> set[str]:
     """Trace ids an error names, directly or through the input ids it lists."""
     context = _dict_or_none(item.get("context")) or {}
@@ -464,7 +577,8 @@ def _error_trace_ids(item: Mapping[str, Any], traces: dict[str, str]) -> set[str
 
 
 def _result_email(result: dict[str, Any]) -> str | None:
-    return (result.get("properties") or {}).get("email")
+    properties = result.get("properties")
+    return properties.get("email") if isinstance(properties, dict) else None
 
 
 def _result_id(result: dict[str, Any]) -> str | None:
