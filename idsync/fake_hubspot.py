@@ -4,9 +4,14 @@ It behaves like the parts of HubSpot's v3 contacts API that idsync relies on
 (see ``shared/reference/hubspot.md``): unique lowercase emails, 409 with
 "Existing ID", batches of at most 100 inputs, 207 partial failures when every
 input has an ``objectWriteTraceId``, a rolling rate limit answered with 429, and
-204 on archive. Test switches inject faults; the same switches are reachable over
-HTTP under ``/_fake/`` (no auth, not rate limited) so that another process can
-drive a fake started with ``python -m idsync.fake_hubspot``.
+204 on archive, and reads of contact property definitions (with the scopes they
+need). Test switches inject faults: whole-call errors, 429s, answers held after
+the write ("answer late"), writes held before they land ("apply late"), and a
+seeded random mix of those. The same switches are reachable over HTTP under
+``/_fake/`` (no auth, not rate limited) so that another process can drive a fake
+started with ``python -m idsync.fake_hubspot``. ``reset()`` starts a new
+generation: a request still in flight from before it neither writes into the
+fresh account nor shows in its log and counts; it is answered 503.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import argparse
 import hmac
 import itertools
 import json
+import random
 import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from types import TracebackType
@@ -32,6 +39,10 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 CONTACTS = "/crm/v3/objects/contacts"
+PROPERTIES = "/crm/v3/properties/contacts"
+READ_SCOPE = "crm.objects.contacts.read"
+WRITE_SCOPE = "crm.objects.contacts.write"
+SCHEMA_READ_SCOPE = "crm.schemas.contacts.read"
 BATCH_LIMIT = 100
 FIRST_ID = 101
 DEFAULT_PROPERTIES = frozenset(
@@ -56,8 +67,29 @@ _FAULT_CATEGORIES = {
     401: "INVALID_AUTHENTICATION",
     403: "MISSING_SCOPES",
     404: "OBJECT_NOT_FOUND",
+    409: "CONFLICT",
     423: "LOCKED",
     429: "RATE_LIMITS",
+}
+# The scope each route needs (the batch route: read for batch/read, write otherwise).
+_ROUTE_SCOPES = {
+    "create": WRITE_SCOPE,
+    "read": READ_SCOPE,
+    "update": WRITE_SCOPE,
+    "archive": WRITE_SCOPE,
+    "property": SCHEMA_READ_SCOPE,
+}
+_SCOPES_DOC = "https://developers.hubspot.com/scopes"
+# Labels of HubSpot's own contact properties; any other known property is a custom one.
+_HUBSPOT_DEFINED = {
+    "email": "Email",
+    "firstname": "First Name",
+    "lastname": "Last Name",
+    "phone": "Phone Number",
+    "company": "Company Name",
+    "jobtitle": "Job Title",
+    "lifecyclestage": "Lifecycle Stage",
+    "hs_object_id": "Record ID",
 }
 
 
@@ -99,6 +131,57 @@ def _invalid_properties(problems: list[dict[str, Any]]) -> ApiError:
 def _invalid_email(email: str) -> ApiError:
     problem = _property_problem("email", "INVALID_EMAIL", f"Email address {email} is invalid")
     return _invalid_properties([problem])
+
+
+def _missing_scope(scope: str) -> tuple[Response, int]:
+    """HubSpot's 403 for a token without ``scope``: category MISSING_SCOPES, scopes named."""
+    message = (
+        "This app hasn't been granted all required scopes to make this call. "
+        f"Read more about required scopes here: {_SCOPES_DOC}."
+    )
+    body = ApiError(403, "MISSING_SCOPES", message).body() | {
+        "errors": [
+            {
+                "message": "One or more of the following scopes are required.",
+                "context": {"requiredScopes": [scope]},
+            }
+        ],
+        "links": {"scopes": _SCOPES_DOC},
+    }
+    return jsonify(body), 403
+
+
+def _property_json(name: str, created_at: str) -> dict[str, Any]:
+    """A contact property definition as ``GET /crm/v3/properties/contacts/{name}`` gives it.
+
+    The fake knows names, not types: every property is a single-line text field.
+    """
+    hubspot_defined = name in _HUBSPOT_DEFINED
+    return {
+        "name": name,
+        "label": _HUBSPOT_DEFINED.get(name) or name.replace("_", " ").capitalize(),
+        "type": "string",
+        "fieldType": "text",
+        "description": "",
+        "groupName": "contactinformation",
+        "options": [],
+        "displayOrder": -1,
+        "calculated": False,
+        "externalOptions": False,
+        "hasUniqueValue": False,
+        "hidden": False,
+        "hubspotDefined": hubspot_defined,
+        "formField": True,
+        "dataSensitivity": "non_sensitive",
+        "modificationMetadata": {
+            "archivable": not hubspot_defined,
+            "readOnlyDefinition": hubspot_defined,
+            "readOnlyValue": name == "hs_object_id",
+        },
+        "createdAt": created_at,
+        "updatedAt": created_at,
+        "archived": False,
+    }
 
 
 def _now() -> str:
@@ -143,6 +226,7 @@ class _Store:
         self.contacts: dict[str, _Contact] = {}
         self.owners: dict[str, str] = {}  # email of a live contact -> its id
         self.next_id = FIRST_ID
+        self.created_at = _now()
 
     def copy(self) -> _Store:
         """A deep enough copy to try a batch on and throw away if it must fail as a whole."""
@@ -152,6 +236,7 @@ class _Store:
             for cid, contact in self.contacts.items()
         }
         clone.owners, clone.next_id = dict(self.owners), self.next_id
+        clone.created_at = self.created_at
         return clone
 
     def find(self, key: str, *, by_email: bool = False) -> _Contact:
@@ -248,7 +333,12 @@ class _Store:
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One API request the fake answered: when it ran and which contacts it touched."""
+    """One API request the fake answered: when it ran and which contacts it touched.
+
+    ``fault`` names the injected fault that shaped the answer, if any (``fail``,
+    ``rate_limit``, ``apply_late``, ``answer_late``), and ``delay`` how long it was
+    held in all.
+    """
 
     method: str
     path: str
@@ -257,6 +347,8 @@ class RequestRecord:
     finished: float
     contact_ids: frozenset[str]
     emails: frozenset[str]
+    fault: str | None = None
+    delay: float = 0.0
 
     def overlaps(self, other: RequestRecord) -> bool:
         """Whether both requests touched one contact while both were in flight."""
@@ -284,6 +376,66 @@ class _Fault:
         """A fault as the control API describes it: ``{"kind": ..., "count": n, ...}``."""
         fields = {"status", "category", "policy", "retry_after", "seconds"}
         return cls(int(body.get("count", 1)), **{k: v for k, v in body.items() if k in fields})
+
+
+FAULT_KINDS = ("fail", "rate_limit", "apply_late", "answer_late")
+_FAULT_ALIASES = {"slow": "apply_late"}  # the older name of apply_late
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What the random faults chose for one admitted request."""
+
+    kind: str  # "fail", "apply_late" or "answer_late"
+    seconds: float = 0.0
+    status: int = 500
+
+
+class _RandomFaults:
+    """Seeded random faults: the same seed and the same sequence of calls, the same faults.
+
+    Every admitted call draws three numbers whatever it gets, so one call's fate
+    never shifts the draws of the calls after it.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        answer_late: float,
+        apply_late: float,
+        error: float,
+        max_delay: float,
+        statuses: Iterable[int],
+    ) -> None:
+        self.statuses = tuple(int(status) for status in statuses)
+        fractions = (answer_late, apply_late, error)
+        if any(not 0 <= fraction <= 1 for fraction in fractions) or sum(fractions) > 1:
+            raise _invalid("Fault fractions must each lie in [0, 1] and add up to at most 1")
+        if max_delay < 0:
+            raise _invalid("max_delay must not be negative")
+        if not self.statuses or any(not 400 <= status <= 599 for status in self.statuses):
+            raise _invalid("statuses must be a non-empty list of 4xx or 5xx codes")
+        self.answer_late, self.apply_late, self.error = fractions
+        self.max_delay = max_delay
+        # Not security: a reproducible choice of faults for tests.
+        self._rng = random.Random(seed)  # noqa: S311
+
+    def draw(self) -> _Decision | None:
+        roll = self._rng.random()
+        seconds = self._rng.uniform(0, self.max_delay)
+        status = self.statuses[int(self._rng.random() * len(self.statuses))]
+        if roll < self.error:
+            return _Decision("fail", status=status)
+        if roll < self.error + self.answer_late:
+            return _Decision("answer_late", seconds=seconds)
+        if roll < self.error + self.answer_late + self.apply_late:
+            return _Decision("apply_late", seconds=seconds)
+        return None
+
+
+class _Stale(Exception):
+    """A request admitted before ``reset()``: it must not touch the new generation."""
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -372,9 +524,11 @@ class FakeHubSpot:
         self._initial = (token, rate_limit, window_seconds, daily_limit, frozenset(properties))
         self._port = port
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._wake = threading.Event()  # set to cut the current holds short
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._generation = 0
+        self._in_flight: Counter[int] = Counter()  # generation -> requests being handled
         self.app = self._build_app()
         self.reset()
 
@@ -384,7 +538,6 @@ class FakeHubSpot:
         """Serve in a background thread; ``url`` is valid afterwards."""
         if self._server is not None:
             raise RuntimeError("the fake HubSpot is already running")
-        self._stopping.clear()
         self._server = make_server(
             "127.0.0.1", self._port, self.app, threaded=True, request_handler=_QuietHandler
         )
@@ -395,10 +548,11 @@ class FakeHubSpot:
         return self
 
     def stop(self) -> None:
-        """Stop serving; slowed requests in flight are cut short."""
+        """Stop serving; held (late) requests in flight are cut short."""
         if self._server is None or self._thread is None:
             return
-        self._stopping.set()
+        with self._lock:
+            self._wake_holds()
         self._server.shutdown()
         self._thread.join()
         self._server.server_close()
@@ -422,10 +576,19 @@ class FakeHubSpot:
     # Test switches
 
     def reset(self) -> None:
-        """Forget every contact, fault, counter and log; back to the constructor's settings."""
+        """Forget every contact, fault, counter and log; back to the constructor's settings.
+
+        It also starts a new generation: requests still in flight (held by a late
+        fault, say) are answered 503 at once and neither write into the new account
+        nor appear in its log, stats or ``in_flight()``.
+        """
         token, rate_limit, window, daily, properties = self._initial
         with self._lock:
+            self._generation += 1
+            self._wake_holds()
             self._token = token
+            self._missing_scopes: frozenset[str] = frozenset()
+            self._random: _RandomFaults | None = None
             self._rate_limit, self._window_seconds, self._daily_limit = rate_limit, window, daily
             self._store = _Store(properties)
             self._window: deque[float] = deque()
@@ -453,8 +616,22 @@ class FakeHubSpot:
         with self._lock:
             self._store.known = set(names)
 
+    def set_missing_scopes(self, scopes: Iterable[str]) -> None:
+        """The token lacks these scopes from now on: calls that need one answer 403.
+
+        Contact reads need ``crm.objects.contacts.read``, writes
+        ``crm.objects.contacts.write``, property reads ``crm.schemas.contacts.read``.
+        """
+        with self._lock:
+            self._missing_scopes = frozenset(scopes)
+
     def fail_next(self, n: int, status: int = 500, category: str | None = None) -> None:
-        """The next ``n`` API requests answer ``status`` with a HubSpot-like error body."""
+        """The next ``n`` API requests answer ``status`` with a HubSpot-like error body.
+
+        Nothing is applied. A 404 names the object, a 409 the contact the call
+        concerns ("Existing ID"), when there is one; other statuses say "Injected
+        failure".
+        """
         self._add_fault("fail", _Fault(n, status=status, category=category))
 
     def rate_limit_next(
@@ -463,9 +640,52 @@ class FakeHubSpot:
         """The next ``n`` API requests answer 429 for ``policy``, with Retry-After if given."""
         self._add_fault("rate_limit", _Fault(n, policy=policy, retry_after=retry_after))
 
+    def apply_late_next(self, n: int, seconds: float) -> None:
+        """The next ``n`` API requests are held ``seconds``, then applied and answered.
+
+        The body is read first, so a client that gives up (times out) still sees
+        its write land later, possibly after a newer one.
+        """
+        self._add_fault("apply_late", _Fault(n, seconds=seconds))
+
     def slow_next(self, n: int, seconds: float) -> None:
-        """The next ``n`` API requests wait ``seconds`` before they are applied."""
-        self._add_fault("slow", _Fault(n, seconds=seconds))
+        """The older name of ``apply_late_next``."""
+        self.apply_late_next(n, seconds)
+
+    def answer_late_next(self, n: int, seconds: float) -> None:
+        """The next ``n`` API requests are applied at once, then answered ``seconds`` later."""
+        self._add_fault("answer_late", _Fault(n, seconds=seconds))
+
+    def set_random_faults(
+        self,
+        seed: int | None,
+        *,
+        answer_late: float = 0.0,
+        apply_late: float = 0.0,
+        error: float = 0.0,
+        max_delay: float = 1.0,
+        statuses: Iterable[int] = (500,),
+    ) -> None:
+        """Give each admitted API request a seeded random fault; ``seed=None`` turns it off.
+
+        Of the calls that pass auth, the limits and the queued faults, the fraction
+        ``error`` answers a whole-call error with a status drawn from ``statuses``
+        (shaped as ``fail_next`` shapes them), ``answer_late`` is answered late and
+        ``apply_late`` applied late, each held a delay drawn from ``[0, max_delay]``.
+        Given the seed and the order in which calls arrive, the faults are the same.
+        """
+        chosen = None
+        if seed is not None:
+            chosen = _RandomFaults(
+                seed,
+                answer_late=answer_late,
+                apply_late=apply_late,
+                error=error,
+                max_delay=max_delay,
+                statuses=statuses,
+            )
+        with self._lock:
+            self._random = chosen
 
     def seed_contact(self, properties: dict[str, str]) -> str:
         """Create a contact as if someone had made it in HubSpot; returns its id."""
@@ -493,6 +713,11 @@ class FakeHubSpot:
         with self._lock:
             contact_id = self._store.owners.get(email.lower())
             return self._store.contacts[contact_id].to_json() if contact_id else None
+
+    def in_flight(self) -> int:
+        """API requests of this generation admitted and not answered yet (held ones included)."""
+        with self._lock:
+            return self._in_flight[self._generation]
 
     @property
     def requests_log(self) -> list[RequestRecord]:
@@ -525,8 +750,9 @@ class FakeHubSpot:
     # Request pipeline: auth, limits and faults before the route; headers and log after it.
 
     def _add_fault(self, kind: str, fault: _Fault) -> None:
-        if kind not in ("fail", "rate_limit", "slow"):
-            raise _invalid(f"Unknown fault kind {kind!r}: use fail, rate_limit or slow")
+        kind = _FAULT_ALIASES.get(kind, kind)
+        if kind not in FAULT_KINDS:
+            raise _invalid(f"Unknown fault kind {kind!r}: use one of {', '.join(FAULT_KINDS)}")
         with self._lock:
             if fault.remaining > 0:
                 self._faults[kind].append(fault)
@@ -545,23 +771,36 @@ class FakeHubSpot:
         if request.path.startswith("/_fake/"):
             return None
         g.started, g.touched_ids, g.touched_emails = time.monotonic(), set(), set()
+        g.fault, g.hold = None, {}  # the fault's name; fault kind -> seconds held for it
         with self._lock:
+            g.generation, g.wake = self._generation, self._wake
+            self._in_flight[g.generation] += 1
             answer = self._admit(request.headers.get("Authorization", ""))
-            slow = self._take_fault("slow") if answer is None else None
-        if slow is not None:
-            self._stopping.wait(slow.seconds)
+        if answer is None and "apply_late" in g.hold:
+            # Read the body now: the client may be gone by the time the write lands.
+            request.get_data(cache=True)
+            g.wake.wait(g.hold["apply_late"])
         return answer
 
+    def _wake_holds(self) -> None:
+        """Cut short every hold in flight; callers hold the lock."""
+        self._wake.set()
+        self._wake = threading.Event()
+
     def _admit(self, authorization: str) -> Response | tuple[Response, int] | None:
-        """Refuse the request as HubSpot would, or count it against the limits."""
+        """Refuse the request as HubSpot would, or count it and choose its faults."""
         expected = f"Bearer {self._token}".encode()
         if not hmac.compare_digest(authorization.encode(), expected):
             message = f"{_NO_CREDENTIALS} This API supports OAuth 2.0 and private app tokens."
             response = jsonify(ApiError(401, "INVALID_AUTHENTICATION", message).body())
             response.headers["X-HubSpot-Auth-Failure"] = _NO_CREDENTIALS
             return response, 401
+        scope = self._required_scope()
+        if scope in self._missing_scopes:
+            return _missing_scope(scope)
         forced = self._take_fault("rate_limit")
         if forced is not None:
+            g.fault = "rate_limit"
             return self._rate_limited(forced.policy, forced.retry_after)
         now = time.monotonic()
         self._expire(now)
@@ -571,14 +810,78 @@ class FakeHubSpot:
             return self._rate_limited("TEN_SECONDLY_ROLLING", None)
         self._window.append(now)
         self._daily_used += 1
+        drawn = self._random.draw() if self._random is not None else None
         failure = self._take_fault("fail")
-        if failure is None:
-            return None
-        category = failure.category or _FAULT_CATEGORIES.get(failure.status, "INTERNAL_ERROR")
-        error = ApiError(
-            failure.status, category, f"Injected failure ({failure.status}); retry later."
-        )
-        return jsonify(error.body()), failure.status
+        if failure is None and drawn is not None and drawn.kind == "fail":
+            failure = _Fault(1, status=drawn.status)
+        if failure is not None:
+            g.fault = "fail"
+            error = self._injected_error(failure.status, failure.category)
+            return jsonify(error.body()), error.status
+        for kind in ("apply_late", "answer_late"):
+            late = self._take_fault(kind)
+            if late is None and drawn is not None and drawn.kind == kind:
+                late = _Fault(1, seconds=drawn.seconds)
+            if late is not None:
+                g.hold[kind] = late.seconds
+        g.fault = "+".join(g.hold) or None
+        return None
+
+    @staticmethod
+    def _required_scope() -> str:
+        endpoint = request.endpoint or ""
+        if endpoint == "batch":
+            operation = (request.view_args or {}).get("operation")
+            return READ_SCOPE if operation == "read" else WRITE_SCOPE
+        return _ROUTE_SCOPES.get(endpoint, READ_SCOPE)
+
+    def _injected_error(self, status: int, category: str | None) -> ApiError:
+        """A whole-call error shaped as HubSpot words it for ``status``; nothing is applied."""
+        if status == 404:
+            return _not_found(str((request.view_args or {}).get("contact_id", "contacts")))
+        if status == 409:
+            existing = self._concerned_contact()
+            if existing is not None:
+                return _conflict(existing)
+            return ApiError(409, "CONFLICT", "Injected conflict (409); no contact is named.")
+        category = category or _FAULT_CATEGORIES.get(status, "INTERNAL_ERROR")
+        return ApiError(status, category, f"Injected failure ({status}); retry later.")
+
+    def _concerned_contact(self) -> str | None:
+        """The live contact a call is about, as a real 409 would name it.
+
+        First the owner of the email it writes (a create, an email change), then
+        the contact its first batch input or its path names.
+        """
+        path_key = (request.view_args or {}).get("contact_id")
+        body = request.get_json(force=True, silent=True)
+        body = body if isinstance(body, dict) else {}
+        inputs = body.get("inputs")
+        first = inputs[0] if isinstance(inputs, list) and inputs else body
+        first = first if isinstance(first, dict) else {}
+        properties = first.get("properties")
+        email = properties.get("email") if isinstance(properties, dict) else None
+        candidates = []
+        if email:
+            candidates.append((str(email), True))
+        if "id" in first:
+            candidates.append((str(first["id"]), self._by_email(body) or "@" in str(first["id"])))
+        if path_key:
+            candidates.append((str(path_key), self._by_email()))
+        for key, by_email in candidates:
+            try:
+                return self._store.find(key, by_email=by_email).id
+            except ApiError:
+                continue
+        return None
+
+    @contextmanager
+    def _fresh(self) -> Iterator[None]:
+        """Hold the lock for a route's work, unless the request predates a reset."""
+        with self._lock:
+            if g.generation != self._generation:
+                raise _Stale
+            yield
 
     def _rate_limited(self, policy: str, retry_after: float | None) -> tuple[Response, int]:
         response = jsonify(
@@ -609,9 +912,13 @@ class FakeHubSpot:
     def _after(self, response: Response) -> Response:
         if request.path.startswith("/_fake/"):
             return response
+        if "answer_late" in g.hold:
+            g.wake.wait(g.hold["answer_late"])
         finished = time.monotonic()
         route = f"{request.method} {request.url_rule.rule if request.url_rule else request.path}"
         with self._lock:
+            if g.generation != self._generation:
+                return self._stale_answer()
             self._expire(finished)
             response.headers.update(self._limit_headers())
             self._stats[route][str(response.status_code)] += 1
@@ -624,33 +931,50 @@ class FakeHubSpot:
                     finished=finished,
                     contact_ids=frozenset(g.touched_ids),
                     emails=frozenset(g.touched_emails),
+                    fault=g.fault,
+                    delay=sum(g.hold.values()),
                 )
             )
         return response
+
+    @staticmethod
+    def _stale_answer() -> Response:
+        message = "The fake HubSpot was reset while this request was in flight; retry."
+        response = jsonify(ApiError(503, "SERVICE_UNAVAILABLE", message).body())
+        response.status_code = 503
+        return response
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if "generation" not in g:
+            return
+        with self._lock:
+            self._in_flight[g.generation] -= 1
+            if self._in_flight[g.generation] <= 0:
+                del self._in_flight[g.generation]
 
     # HubSpot routes
 
     def _create(self) -> tuple[Response, int]:
         body = _json_body()
-        with self._lock:
+        with self._fresh():
             return jsonify(self._store.create(body.get("properties")).to_json()), 201
 
     def _read(self, contact_id: str) -> Response:
         requested = [
             name for value in request.args.getlist("properties") for name in value.split(",")
         ]
-        with self._lock:
+        with self._fresh():
             contact = self._store.find(contact_id, by_email=self._by_email())
             return jsonify(contact.to_json(requested))
 
     def _update(self, contact_id: str) -> Response:
         body = _json_body()
-        with self._lock:
+        with self._fresh():
             contact = self._store.find(contact_id, by_email=self._by_email())
             return jsonify(self._store.update(contact, body.get("properties")).to_json())
 
     def _archive(self, contact_id: str) -> Response:
-        with self._lock:
+        with self._fresh():
             self._store.archive(contact_id)
         return Response(status=204)
 
@@ -660,7 +984,7 @@ class FakeHubSpot:
         if operation == "read":
             return self._batch_read(inputs, self._by_email(body), body.get("properties") or [])
         if operation == "archive":
-            with self._lock:
+            with self._fresh():
                 for item in inputs:
                     self._store.archive(str(item.get("id", "")))
             return Response(status=204)
@@ -676,7 +1000,7 @@ class FakeHubSpot:
         traced = bool(inputs) and all(item.get("objectWriteTraceId") for item in inputs)
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        with self._lock:
+        with self._fresh():
             trial = self._store.copy()
             for item in inputs:
                 try:
@@ -695,7 +1019,7 @@ class FakeHubSpot:
     ) -> tuple[Response, int]:
         found: list[dict[str, Any]] = []
         missing: list[str] = []
-        with self._lock:
+        with self._fresh():
             for item in inputs:
                 key = str(item.get("id", ""))
                 try:
@@ -705,6 +1029,13 @@ class FakeHubSpot:
         message = "Could not get some CONTACT objects, they may be deleted or not exist."
         errors = [ApiError(404, "OBJECT_NOT_FOUND", message, ids=missing).body()] if missing else []
         return _batch_answer(found, errors, 200)
+
+    def _property(self, name: str) -> Response:
+        with self._fresh():
+            if name not in self._store.known:
+                message = f"Unable to find property {name} for object type contacts"
+                raise ApiError(404, "OBJECT_NOT_FOUND", message)
+            return jsonify(_property_json(name, self._store.created_at))
 
     @staticmethod
     def _by_email(body: dict[str, Any] | None = None) -> bool:
@@ -741,6 +1072,17 @@ class FakeHubSpot:
                 return jsonify(id=self.seed_contact(_field(body, "properties"))), 201
             case "POST", "faults":
                 self._add_fault(str(_field(body, "kind")), _Fault.from_json(body))
+            case "POST", "random_faults":
+                fractions = ("answer_late", "apply_late", "error", "max_delay")
+                self.set_random_faults(
+                    _field(body, "seed"),
+                    **{name: float(body[name]) for name in fractions if name in body},
+                    statuses=body.get("statuses", (500,)),
+                )
+            case "POST", "scopes":
+                self.set_missing_scopes(_field(body, "missing"))
+            case "GET", "in_flight":
+                return jsonify(in_flight=self.in_flight())
             case "POST", "reset":
                 self.reset()
             case "POST", "token":
@@ -763,7 +1105,9 @@ class FakeHubSpot:
         app = Flask(__name__)
         app.before_request(self._before)
         app.after_request(self._after)
+        app.teardown_request(self._finish)
         app.register_error_handler(ApiError, lambda error: (jsonify(error.body()), error.status))
+        app.register_error_handler(_Stale, lambda _error: self._stale_answer())
         app.register_error_handler(HTTPException, _http_error)
         one = f"{CONTACTS}/<path:contact_id>"
         app.add_url_rule(CONTACTS, "create", self._create, methods=["POST"])
@@ -771,6 +1115,7 @@ class FakeHubSpot:
         app.add_url_rule(one, "read", self._read, methods=["GET"])
         app.add_url_rule(one, "update", self._update, methods=["PATCH"])
         app.add_url_rule(one, "archive", self._archive, methods=["DELETE"])
+        app.add_url_rule(f"{PROPERTIES}/<name>", "property", self._property, methods=["GET"])
         app.add_url_rule("/_fake/<action>", "control", self._control, methods=["GET", "POST"])
         return app
 

@@ -410,3 +410,258 @@ def test_runs_as_its_own_process() -> None:
         assert answer.status_code == 201
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+# Contact property definitions and scopes
+
+PROPERTIES = "/crm/v3/properties/contacts"
+
+
+def test_known_property_reads_as_hubspot_describes_it(api: Api, fake: FakeHubSpot) -> None:
+    answer = api("GET", f"{PROPERTIES}/firstname")
+    assert answer.status_code == 200
+    assert all(header in answer.headers for header in RATE_HEADERS)
+    prop = answer.json()
+    assert {key: prop[key] for key in ("name", "label", "type", "fieldType", "groupName")} == {
+        "name": "firstname",
+        "label": "First Name",
+        "type": "string",
+        "fieldType": "text",
+        "groupName": "contactinformation",
+    }
+    assert prop["hubspotDefined"] is True
+    assert prop["archived"] is False
+    assert prop["modificationMetadata"]["archivable"] is False
+    custom = api("GET", f"{PROPERTIES}/idsync_user_id").json()
+    assert custom["hubspotDefined"] is False
+    assert custom["modificationMetadata"]["archivable"] is True
+    fake.set_known_properties(["email", "favourite_colour"])
+    assert api("GET", f"{PROPERTIES}/favourite_colour").json()["name"] == "favourite_colour"
+    assert api("GET", f"{PROPERTIES}/firstname").status_code == 404
+
+
+def test_unknown_property_is_404_object_not_found(api: Api) -> None:
+    answer = api("GET", f"{PROPERTIES}/favourite_colour")
+    assert answer.status_code == 404
+    body = answer.json()
+    assert body["status"] == "error"
+    assert body["category"] == "OBJECT_NOT_FOUND"
+    assert "favourite_colour" in body["message"]
+    assert body["correlationId"]
+
+
+def test_property_read_without_the_schema_scope_is_403_missing_scopes(
+    api: Api, fake: FakeHubSpot
+) -> None:
+    contact_id = api.create(email="ada@example.com").json()["id"]
+    assert api.control("POST", "scopes", missing=["crm.schemas.contacts.read"]).status_code == 204
+    answer = api("GET", f"{PROPERTIES}/email")
+    assert answer.status_code == 403
+    body = answer.json()
+    assert body["category"] == "MISSING_SCOPES"
+    assert body["errors"][0]["context"]["requiredScopes"] == ["crm.schemas.contacts.read"]
+    assert body["correlationId"]
+    # Only the schema scope is gone: contacts still read and write.
+    assert api("GET", f"{CONTACTS}/{contact_id}").status_code == 200
+    assert api.create(email="bob@example.com").status_code == 201
+    fake.reset()
+    assert api("GET", f"{PROPERTIES}/email").status_code == 200
+
+
+def test_missing_write_scope_refuses_writes_and_applies_nothing(
+    api: Api, fake: FakeHubSpot
+) -> None:
+    fake.set_missing_scopes(["crm.objects.contacts.write"])
+    created = api.create(email="ada@example.com")
+    assert created.status_code == 403
+    assert created.json()["errors"][0]["context"]["requiredScopes"] == [
+        "crm.objects.contacts.write"
+    ]
+    assert api.batch("upsert", [upsert("ada@example.com")]).status_code == 403
+    assert api.batch("read", [{"id": "101"}]).status_code == 207  # allowed; 101 is missing
+    assert fake.contacts(include_archived=True) == []
+
+
+def test_property_reads_need_the_token_and_count_against_the_limit(
+    api: Api, fake: FakeHubSpot
+) -> None:
+    anonymous = requests.get(f"{fake.url}{PROPERTIES}/email", timeout=5)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["category"] == "INVALID_AUTHENTICATION"
+    fake.set_rate_limit(2, 10)
+    statuses = [api("GET", f"{PROPERTIES}/email").status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    route = f"GET {PROPERTIES}/<name>"
+    assert fake.stats()["requests"][route] == {"401": 1, "200": 2, "429": 1}
+
+
+# Late answers and late writes
+
+
+def test_answer_late_applies_at_once_and_answers_after_the_hold(fake: FakeHubSpot) -> None:
+    fake.answer_late_next(1, 0.6)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"properties": {"email": "ada@example.com"}}
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(f"{fake.url}{CONTACTS}", json=body, headers=headers, timeout=0.2)
+    # The client gave up, yet the contact exists already: the write came before the hold.
+    assert fake.contact_by_email("ada@example.com") is not None
+    wait_for(lambda: len(fake.requests_log) == 1)
+    record = fake.requests_log[0]
+    assert (record.status, record.fault) == (201, "answer_late")
+    assert record.delay == 0.6
+    assert record.finished - record.started >= 0.6
+    # Only the next call was held.
+    answer = requests.post(f"{fake.url}{CONTACTS}", json=body, headers=headers, timeout=5)
+    assert answer.status_code == 409
+
+
+def test_apply_late_lands_after_a_newer_write(fake: FakeHubSpot) -> None:
+    contact_id = fake.seed_contact({"email": "ada@example.com", "firstname": "Seed"})
+    path = f"{fake.url}{CONTACTS}/{contact_id}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    fake.apply_late_next(1, 0.6)
+    older = {"properties": {"firstname": "Older"}}
+    with pytest.raises(requests.ReadTimeout):
+        requests.patch(path, json=older, headers=headers, timeout=0.2)
+    assert fake.contact_by_email("ada@example.com")["properties"]["firstname"] == "Seed"
+    newer = {"properties": {"firstname": "Newer"}}
+    assert requests.patch(path, json=newer, headers=headers, timeout=5).status_code == 200
+    assert fake.contact_by_email("ada@example.com")["properties"]["firstname"] == "Newer"
+    # The write the client gave up on lands later and wins.
+    wait_for(lambda: fake.in_flight() == 0 and len(fake.requests_log) == 2)
+    assert fake.contact_by_email("ada@example.com")["properties"]["firstname"] == "Older"
+    assert [(r.status, r.fault) for r in fake.requests_log] == [
+        (200, None),
+        (200, "apply_late"),
+    ]
+
+
+def test_late_faults_over_http(api: Api, fake: FakeHubSpot) -> None:
+    for kind in ("answer_late", "apply_late", "slow"):
+        answer = api.control("POST", "faults", kind=kind, count=1, seconds=0.2)
+        assert answer.status_code == 204, kind
+    answers = [api.create(email=f"u{n}@example.com") for n in range(4)]
+    assert [a.status_code for a in answers] == [201] * 4
+    records = api.control("GET", "requests").json()
+    # Both late queues are taken by the first call; "slow" is apply_late's older name.
+    assert [(r["fault"], r["delay"]) for r in records] == [
+        ("apply_late+answer_late", 0.4),
+        ("apply_late", 0.2),
+        (None, 0.0),
+        (None, 0.0),
+    ]
+    assert api.control("GET", "in_flight").json() == {"in_flight": 0}
+
+
+# Seeded random faults
+
+
+def random_fault_run(fake: FakeHubSpot, api: Api, seed: int) -> list[tuple[int, str | None]]:
+    fake.reset()
+    fake.seed_contact({"email": "seed@example.com"})
+    fake.set_random_faults(
+        seed, answer_late=0.2, apply_late=0.2, error=0.3, max_delay=0.02, statuses=[500, 404, 409]
+    )
+    for n in range(40):
+        api.create(email=f"u{n}@example.com")
+    return [(record.status, record.fault) for record in fake.requests_log]
+
+
+def test_random_faults_repeat_for_a_seed(api: Api, fake: FakeHubSpot) -> None:
+    first = random_fault_run(fake, api, seed=7)
+    first_delays = [record.delay for record in fake.requests_log]
+    # A failed call applied nothing: exactly the answered creates exist, and the seed.
+    created = sum(1 for status, _ in first if status == 201)
+    assert len(fake.contacts()) == created + 1
+    assert random_fault_run(fake, api, seed=7) == first
+    assert [record.delay for record in fake.requests_log] == first_delays
+    assert random_fault_run(fake, api, seed=8) != first
+    faults = {fault for _, fault in first}
+    assert faults == {None, "fail", "answer_late", "apply_late"}
+    assert {status for status, fault in first if fault == "fail"} <= {500, 404, 409}
+    assert {status for status, fault in first if fault != "fail"} == {201}
+    assert all(0 <= delay <= 0.02 for delay in first_delays)
+
+
+def test_random_errors_have_hubspot_bodies_and_apply_nothing(api: Api, fake: FakeHubSpot) -> None:
+    seed_id = fake.seed_contact({"email": "seed@example.com", "firstname": "Seed"})
+    fake.set_random_faults(1, error=1.0, statuses=[409])
+    duplicate = api.create(email="seed@example.com")
+    assert duplicate.status_code == 409
+    assert duplicate.json()["category"] == "CONFLICT"
+    assert duplicate.json()["message"] == f"Contact already exists. Existing ID: {seed_id}"
+    patch = {"properties": {"firstname": "Changed"}}
+    assert api("PATCH", f"{CONTACTS}/{seed_id}", json=patch).status_code == 409
+    # An email change names the contact that owns the new email, as a real 409 does.
+    fake.set_random_faults(None)
+    other_id = api.create(email="other@example.com").json()["id"]
+    fake.set_random_faults(1, error=1.0, statuses=[409])
+    taken = {"properties": {"email": "seed@example.com"}}
+    conflict = api("PATCH", f"{CONTACTS}/{other_id}", json=taken)
+    assert conflict.json()["message"] == f"Contact already exists. Existing ID: {seed_id}"
+    fake.set_random_faults(1, error=1.0, statuses=[404])
+    missing = api("PATCH", f"{CONTACTS}/{seed_id}", json=patch)
+    assert missing.status_code == 404
+    assert missing.json()["category"] == "OBJECT_NOT_FOUND"
+    fake.set_random_faults(1, error=1.0, statuses=[500])
+    failed = api.batch("upsert", [upsert("new@example.com")])
+    assert failed.status_code == 500
+    assert failed.json()["category"] == "INTERNAL_ERROR"
+    emails_and_names = [
+        (c["properties"]["email"], c["properties"].get("firstname")) for c in fake.contacts()
+    ]
+    assert emails_and_names == [("seed@example.com", "Seed"), ("other@example.com", None)]
+    fake.set_random_faults(None)
+    assert api.create(email="new@example.com").status_code == 201
+
+
+def test_random_faults_over_http_and_off_after_reset(api: Api, fake: FakeHubSpot) -> None:
+    body = {"seed": 3, "error": 1.0, "statuses": [503]}
+    assert api.control("POST", "random_faults", **body).status_code == 204
+    assert api("GET", f"{CONTACTS}/101").status_code == 503
+    bad = api.control("POST", "random_faults", seed=3, error=0.8, answer_late=0.5)
+    assert bad.status_code == 400
+    assert api.control("POST", "random_faults", seed=3, statuses=[200]).status_code == 400
+    assert api.control("POST", "random_faults", seed=None).status_code == 204
+    assert api("GET", f"{CONTACTS}/101").status_code == 404
+    api.control("POST", "random_faults", **body)
+    api.control("POST", "reset")
+    assert api("GET", f"{CONTACTS}/101").status_code == 404
+
+
+# reset() starts a new generation
+
+
+def _post_in_background(fake: FakeHubSpot, email: str) -> tuple[threading.Thread, list]:
+    answers: list[requests.Response] = []
+    body = {"properties": {"email": email}}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    thread = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(f"{fake.url}{CONTACTS}", json=body, headers=headers, timeout=30)
+        )
+    )
+    thread.start()
+    return thread, answers
+
+
+@pytest.mark.parametrize("fault", ["slow_next", "answer_late_next"])
+def test_request_held_across_reset_neither_applies_nor_counts(
+    api: Api, fake: FakeHubSpot, fault: str
+) -> None:
+    getattr(fake, fault)(1, 20)
+    thread, answers = _post_in_background(fake, "old@example.com")
+    wait_for(lambda: fake.in_flight() == 1)
+    fake.reset()
+    # The hold is cut short: the old request ends now, not 20 seconds later.
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert answers[0].status_code == 503
+    assert fake.in_flight() == 0
+    assert fake.contacts(include_archived=True) == []
+    assert fake.requests_log == []
+    assert fake.stats()["total"] == 0
+    # The new generation works from a clean start.
+    assert api.create(email="old@example.com").json()["id"] == "101"
+    assert len(fake.requests_log) == 1
