@@ -431,6 +431,11 @@ def resync(*, session: Session, subject: str, destination: str | None = None) ->
     if not queued:
         where = f" to {destination}" if destination else ""
         raise NothingToResync(f"the newest event of subject {subject!r} has no delivery{where}")
+    # An operator who resyncs has resolved a shared record: lift the conflict flag.
+    cleared = update(Link).where(Link.subject == subject, Link.conflict.is_not(None))
+    if destination is not None:
+        cleared = cleared.where(Link.destination == destination)
+    session.execute(cleared.values(conflict=None).execution_options(synchronize_session=False))
     return int(queued)
 
 
@@ -496,6 +501,14 @@ def forget(*, session: Session, subject: str) -> dict[str, int]:
         .values(last_email=None)
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
+    # A batch running for them now must not write back the email it read at its claim:
+    # taking its hold away makes its compare-and-set write nothing.
+    session.execute(
+        update(Link)
+        .where(Link.subject == subject, Link.lease_token.is_not(None))
+        .values(lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
     their_event_ids = select(Event.source, Event.event_id).where(Event.subject == subject)
     quarantined = session.execute(
         delete(Quarantine)
