@@ -16,6 +16,7 @@ from idsync.settings import Settings
 from ingest import create_app
 from models.tables import Delivery, DeliveryStatus, Link
 from workers.delivery import run_batch
+from workers.destinations.base import Destination
 from workers.destinations.hubspot import HubSpotDestination
 from workers.ratelimit import LocalRateLimiter
 
@@ -54,9 +55,13 @@ class Pipeline:
 
     def drain(self, rounds: int = 20) -> None:
         """Run batches until nothing is claimable (retries are due at once here)."""
+        self.drain_with(self.destination, rounds)
+
+    def drain_with(self, destination: Destination, rounds: int = 20) -> None:
+        """``drain`` through another destination (the engine's in-memory one, say)."""
         for _ in range(rounds):
             report = run_batch(
-                sessions=self.sessions, settings=self.settings, destination=self.destination
+                sessions=self.sessions, settings=self.settings, destination=destination
             )
             if report.claimed == 0 and not self.pending():
                 return

@@ -194,6 +194,7 @@ def run_batch(
             if plan.work.link.id not in held:
                 # The lease expired and another worker took the user: its work is theirs.
                 log.warning("lost the hold on user %s", plan.work.link.subject)
+                report.count("lost_hold")
                 lost += [d.id for d in plan.work.deliveries + plan.work.lost]
                 continue
             with _bound(plan.newest or _first(plan)):
