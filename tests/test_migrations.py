@@ -9,6 +9,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from tests.conftest import PG_ADMIN_URL, ROOT
 
@@ -49,3 +51,13 @@ def test_upgrade_head_on_empty_database_then_check_finds_nothing(kind: str, tmp_
         if kind == "postgresql":
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrations_have_one_head() -> None:
+    """Two branches merged without a merge revision leave ``alembic upgrade head`` ambiguous."""
+    scripts = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini")))
+    heads = scripts.get_heads()
+    assert len(heads) == 1, (
+        f"alembic has {len(heads)} heads {sorted(heads)}: point one migration's down_revision "
+        "at the other, or add a merge revision (alembic merge heads)"
+    )
