@@ -11,11 +11,36 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models.tables import Delivery, DeliveryStatus, Event
+from idsync.fake_hubspot import RequestRecord
+from models.tables import Delivery, DeliveryStatus, Event, Link
 from tests.events import auth0_event, fixture, stamp
 from tests.processes import ServiceStack, wait_for
 
 pytestmark = pytest.mark.e2e
+
+# Properties the fake sets itself on every contact; the rest is what idsync wrote.
+FAKE_SET = frozenset({"hs_object_id", "createdate", "lastmodifieddate"})
+
+
+def written(contact: dict[str, Any]) -> dict[str, str]:
+    """The properties idsync gave a contact (the fake drops cleared ones)."""
+    return {k: v for k, v in contact["properties"].items() if k not in FAKE_SET}
+
+
+def writes(e2e: ServiceStack) -> list[RequestRecord]:
+    """Every call that could change a contact, in the order the fake answered them."""
+    return [
+        record
+        for record in e2e.hubspot.requests_log
+        if record.method != "GET" and not record.path.endswith("/batch/read")
+    ]
+
+
+def link_of(e2e: ServiceStack, subject: str) -> Link:
+    with e2e.sessions() as session:
+        return session.scalars(
+            select(Link).where(Link.destination == "hubspot", Link.subject == subject)
+        ).one()
 
 
 def _renamed(document: dict[str, Any], event_id: str, time: str) -> dict[str, Any]:
@@ -30,23 +55,34 @@ def test_auth0_fixtures_produce_the_right_contacts(e2e: ServiceStack) -> None:
     assert e2e.post(created).status_code == 202
     e2e.wait_finished(1)
     contact = e2e.hubspot.contact_by_email("john.doe@gmail.com")
+    john = {
+        "email": "john.doe@gmail.com",
+        "firstname": "John",
+        "lastname": "Doe",
+        "phone": "+15555555555",
+    }
     assert contact is not None
-    assert contact["properties"]["firstname"] == "John"
-    assert contact["properties"]["lastname"] == "Doe"
-    assert contact["properties"]["phone"] == "+15555555555"
+    assert written(contact) == john
+    subject = created["data"]["object"]["user_id"]
+    assert link_of(e2e, subject).external_id == contact["id"]
     # The catalog's three examples share one id: posted as they are, they are duplicates.
     assert e2e.post(fixture("user_updated.json")).json()["status"] == "duplicate"
     updated = _renamed(fixture("user_updated.json"), "evt_updated_1", "2025-02-01T12:40:00Z")
     updated["data"]["object"]["given_name"] = "Johnny"
     assert e2e.post(updated).status_code == 202
     e2e.wait_finished(2)
-    contact = e2e.hubspot.contact_by_email("john.doe@gmail.com")
-    assert contact is not None and contact["properties"]["firstname"] == "Johnny"
+    # The update went to the linked contact: the same id, the newest values.
+    updated_contact = e2e.hubspot.contact_by_email("john.doe@gmail.com")
+    assert updated_contact is not None and updated_contact["id"] == contact["id"]
+    assert written(updated_contact) == john | {"firstname": "Johnny"}
     deleted = copy.deepcopy(fixture("user_deleted_minimal.json"))
     deleted.update(id="evt_deleted_minimal1", time="2025-02-01T12:50:00Z")
     assert e2e.post(deleted).status_code == 202
     e2e.wait_finished(3)
     assert e2e.hubspot.contacts() == []
+    archived = e2e.hubspot.contacts(include_archived=True)
+    assert [(c["id"], c["archived"]) for c in archived] == [(contact["id"], True)]
+    assert link_of(e2e, subject).deprovisioned
     assert e2e.statuses() == [("succeeded", None)] * 3
 
 
@@ -70,7 +106,16 @@ def test_concurrent_duplicates_store_one_event(e2e: ServiceStack) -> None:
     codes = sorted(a.status_code for a in answers)
     assert codes.count(202) == 1 and codes.count(200) == 15
     e2e.wait_finished(1)
-    assert len(e2e.hubspot.contacts()) == 1
+    assert e2e.statuses() == [("succeeded", None)]
+    # One write, the create; no second create was tried (it would have met a 409, or a
+    # 207 in a batch).
+    calls = [(r.method, r.status, sorted(r.emails)) for r in writes(e2e)]
+    assert calls == [("POST", 201, ["dup@example.com"])], calls
+    assert not [r for r in e2e.hubspot.requests_log if r.status in (207, 409)]
+    contact = e2e.hubspot.contact_by_email("dup@example.com")
+    assert contact is not None
+    assert written(contact) == {"email": "dup@example.com"}
+    assert link_of(e2e, "auth0|dup").external_id == contact["id"]
 
 
 def test_one_user_never_in_flight_twice_and_ends_at_newest(e2e: ServiceStack) -> None:
@@ -86,7 +131,10 @@ def test_one_user_never_in_flight_twice_and_ends_at_newest(e2e: ServiceStack) ->
         list(pool.map(e2e.post, reversed(events)))
     e2e.wait_finished(30)
     contact = e2e.hubspot.contact_by_email("busy@example.com")
-    assert contact is not None and contact["properties"]["firstname"] == "v29"
+    assert contact is not None
+    assert written(contact) == {"email": "busy@example.com", "firstname": "v29"}
+    assert [c["id"] for c in e2e.hubspot.contacts(include_archived=True)] == [contact["id"]]
+    assert link_of(e2e, "auth0|busy").external_id == contact["id"]
     assert e2e.hubspot.overlaps() == []
     statuses = e2e.statuses()
     assert statuses.count(("succeeded", None)) >= 1
@@ -110,7 +158,14 @@ def test_server_errors_are_retried_and_bad_input_fails(e2e: ServiceStack) -> Non
     e2e.post(auth0_event("user.created", "auth0|retry", email="retry@example.com"))
     e2e.post(auth0_event("user.created", "auth0|bad", email="not an email"))
     e2e.wait_finished(2)
-    assert e2e.hubspot.contact_by_email("retry@example.com") is not None
+    # The three injected 500s were the first three answers; then the retries got through.
+    log = e2e.hubspot.requests_log
+    assert [(r.status, r.fault) for r in log[:3]] == [(500, "fail")] * 3
+    assert all(r.fault is None for r in log[3:])
+    contact = e2e.hubspot.contact_by_email("retry@example.com")
+    assert contact is not None
+    assert written(contact) == {"email": "retry@example.com"}
+    assert link_of(e2e, "auth0|retry").external_id == contact["id"]
     with e2e.sessions() as session:
         rows = {d.subject: d for d in session.scalars(select(Delivery))}
     assert rows["auth0|retry"].status is DeliveryStatus.SUCCEEDED
@@ -140,7 +195,21 @@ def test_worker_killed_mid_delivery_completes_once_after_lease(e2e: ServiceStack
         delivery = session.scalars(select(Delivery)).one()
     assert delivery.status is DeliveryStatus.SUCCEEDED
     assert delivery.reclaims == 1
-    assert len(e2e.hubspot.contacts()) == 1
+    # The killed worker's call still landed (the fake holds it, then applies it); the
+    # worker that took over must adopt that contact, not make a second one or archive it.
+    # The held call may land after the new worker's own call: wait for it before counting.
+    held = wait_for(
+        lambda: [r for r in e2e.hubspot.requests_log if r.fault == "apply_late"],
+        20,
+        "the killed worker's held call to land",
+    )
+    assert len(held) == 1
+    created = [r for r in writes(e2e) if r.status == 201]
+    assert len(created) == 1, [(r.method, r.path, r.status) for r in writes(e2e)]
+    assert not [r for r in writes(e2e) if r.method == "DELETE" or "archive" in r.path]
+    contacts = e2e.hubspot.contacts(include_archived=True)
+    assert [written(c) for c in contacts] == [{"email": "kill@example.com"}]
+    assert link_of(e2e, "auth0|kill").external_id == contacts[0]["id"]
 
 
 def test_many_users_with_email_changes_reach_their_newest_state(e2e: ServiceStack) -> None:
@@ -162,6 +231,13 @@ def test_many_users_with_email_changes_reach_their_newest_state(e2e: ServiceStac
     e2e.wait_finished(80)
     emails = sorted(c["properties"]["email"] for c in e2e.hubspot.contacts())
     assert emails == sorted(f"u{n}.new@example.com" for n in range(40))
+    # Each email change updated the user's own contact: no contact was made twice or
+    # archived, and every link still names the contact that now has the new email.
+    assert len(e2e.hubspot.contacts(include_archived=True)) == 40
+    for n, user in enumerate(users):
+        contact = e2e.hubspot.contact_by_email(f"u{n}.new@example.com")
+        assert contact is not None
+        assert link_of(e2e, user).external_id == contact["id"], user
 
 
 def test_event_time_in_far_future_is_ordered_by_arrival(e2e: ServiceStack) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +22,41 @@ from tests.processes import ServiceStack
 pytestmark = pytest.mark.e2e
 
 EVENTS = int(os.environ.get("IDSYNC_SOAK_EVENTS", "400"))
+# The transient statuses the soak injects; a delivery whose budget they spend ends
+# ``retries_exhausted`` with the last of them.
+INJECTED_STATUSES = (500, 502, 503, 423)
+
+
+def check_failure_reasons(e2e: ServiceStack, invalid_events: set[str]) -> None:
+    """Every delivery that did not succeed says why, and the why fits the faults injected.
+
+    Only events with an invalid email may be ``rejected``; anything else may fail only
+    by spending its retry budget on the injected transient errors; skips are ``stale``.
+    """
+    with e2e.sessions() as session:
+        rows = session.execute(
+            select(
+                Event.event_id, Delivery.status, Delivery.reason, Delivery.last_status_code
+            ).join(Delivery)
+        ).all()
+    reasons = Counter(
+        (row.status.value, row.reason) for row in rows if row.status.value != "succeeded"
+    )
+    print(f"soak: {len(rows)} deliveries; not succeeded by (status, reason): {dict(reasons)}")
+    unexpected = []
+    for row in rows:
+        status, reason = row.status.value, row.reason
+        if status == "skipped":
+            ok = reason == "stale"
+        elif status == "failed" and reason == "rejected":
+            ok = row.event_id in invalid_events
+        elif status == "failed":
+            ok = reason == "retries_exhausted" and row.last_status_code in INJECTED_STATUSES
+        else:
+            ok = status == "succeeded"
+        if not ok:
+            unexpected.append((row.event_id, status, reason, row.last_status_code))
+    assert not unexpected, (unexpected[:20], dict(reasons))
 
 
 def test_soak_with_random_faults_accounts_for_every_event(e2e: ServiceStack) -> None:
@@ -28,13 +64,17 @@ def test_soak_with_random_faults_accounts_for_every_event(e2e: ServiceStack) -> 
     users = max(10, EVENTS // 8)
     newest: dict[str, tuple[int, str, str]] = {}
     documents = []
+    invalid_events: set[str] = set()
     for n in range(EVENTS):
         user = f"auth0|soak{rng.randrange(users)}"
         email = f"{user[6:]}.{rng.randrange(3)}@example.com"
         if rng.random() < 0.01:
             email = f"{user[6:]} invalid"  # a permanent failure HubSpot rejects
         name = rng.choice(["Ann", "Bo", "Cy", "Di"])
-        documents.append(auth0_event("user.updated", user, email=email, given_name=name, at=n))
+        document = auth0_event("user.updated", user, email=email, given_name=name, at=n)
+        documents.append(document)
+        if " invalid" in email:
+            invalid_events.add(document["id"])
         newest[user] = (n, email, name)
     rng.shuffle(documents)
 
@@ -52,6 +92,7 @@ def test_soak_with_random_faults_accounts_for_every_event(e2e: ServiceStack) -> 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(post_with_faults, [documents[i::4] for i in range(4)]))
     e2e.wait_finished(EVENTS, timeout=max(120, EVENTS / 10))
+    check_failure_reasons(e2e, invalid_events)
     # Fault storms can outlast a delivery's (short, in tests) retry budget: those end
     # failed with their reason, and the operator's replay brings them home.
     with e2e.sessions() as session, session.begin():
