@@ -495,7 +495,7 @@ def _read_before(response: requests.Response, deadline: float) -> None:
             if left <= 0:
                 raise CallDeadlineExceeded("the answer did not arrive within the call's deadline")
             _set_socket_timeout(response, left)
-            chunk = response.raw.read(64 * 1024, decode_content=True)
+            chunk = response.raw.read1(64 * 1024, decode_content=True)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -504,6 +504,10 @@ def _read_before(response: requests.Response, deadline: float) -> None:
         raise CallDeadlineExceeded(str(error)) from None
     except urllib3.exceptions.HTTPError as error:
         response.close()
+        if time.monotonic() >= deadline:  # the shrunken socket timeout cut the read short
+            raise CallDeadlineExceeded(
+                "the answer did not arrive within the call's deadline"
+            ) from None
         raise requests.ConnectionError(str(error)) from None
     except CallDeadlineExceeded:
         response.close()
