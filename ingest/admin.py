@@ -1,9 +1,9 @@
 """The admin JSON API: find failed deliveries, read their cause, replay them.
 
 Registered only when ``ADMIN_TOKEN`` is set, and meant for an internal network.
-Every request needs ``Authorization: Bearer $ADMIN_TOKEN``. Answers mask emails
-and never contain credentials. The HTML admin page is a separate blueprint, so
-only the JSON routes below belong here.
+Every request needs ``Authorization: Bearer $ADMIN_TOKEN`` (HTTP Basic is refused,
+see ``_bearer``). Answers mask emails and never contain credentials. The HTML
+admin page is a separate blueprint, so only the JSON routes below belong here.
 """
 
 from __future__ import annotations
@@ -45,12 +45,24 @@ def _state() -> Any:
     return current_app.extensions["idsync"]
 
 
+def _bearer(authorization: str | None) -> bytes | None:
+    """The token of ``Authorization: Bearer <token>``; any other scheme counts as none.
+
+    HTTP Basic is refused on purpose: a browser caches Basic credentials and sends
+    them with any request, a forged cross-site form post included, and this API is
+    exempt from CSRF checks because a browser never adds a bearer token by itself.
+    """
+    scheme, _, _ = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return presented_secret(authorization)
+
+
 @blueprint.before_request
 def _authenticate() -> tuple[Response, int] | None:
-    """Every admin route needs the admin token as a bearer token."""
+    """Every admin route needs the admin token as a bearer token (HTTP Basic is refused)."""
     token = _state().settings.admin_token
-    presented = presented_secret(request.headers.get("Authorization"))
-    if token and secret_matches(presented, [token]):
+    if token and secret_matches(_bearer(request.headers.get("Authorization")), [token]):
         return None
     response, code = _error(401, "missing or invalid admin token (Authorization: Bearer ...)")
     response.headers["WWW-Authenticate"] = 'Bearer realm="idsync-admin"'
