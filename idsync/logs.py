@@ -21,16 +21,33 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor
 
+# An address in any script (JÖHN@EXÄMPLE.com, ΓΙΑΝΝΗΣ@παράδειγμα.ελ): the local part
+# is every character up to the "@" that does not end a word in running text or in
+# JSON, a URL or a header ("*" is the mask itself, so masking twice changes nothing).
+# Domain labels are split by any dot IDNA knows, and the last one starts with a
+# letter and has two characters or more: "worker1@host" (a Celery node) and
+# "user@10.0.0.1" are not addresses.
+_LOCAL = r"""[^\s@*<>()\[\]{},;:"`|\\/=?&]"""
+# An apostrophe inside a local part is a name (o'brien); before one, a quote.
+_LOCAL_START = r"""[^\s@*<>()\[\]{},;:"'`|\\/=?&]"""
+_LABEL = r"""[^\s@.\u3002\uff0e\uff61*<>()\[\]{},;:"'`|\\/=?&!#$%^~+]"""
+_DOT = r"[.\u3002\uff0e\uff61]"
 # The local part keeps its first character; "@@" and other near-emails are masked too.
+# The look-behind starts a match only where a local part starts, so text without an
+# address costs one pass however long it is.
 _EMAIL = re.compile(
-    r"([A-Za-z0-9_%+\-])[A-Za-z0-9._%+\-]*@+([A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,})"
+    rf"(?<!{_LOCAL_START})({_LOCAL_START}){_LOCAL}*+@++"
+    rf"((?:{_LABEL}++{_DOT})+[^\W\d_]{_LABEL}++)"
 )
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+")
 _AUTHORIZATION = re.compile(
     r"""(?i)\b((?:proxy-)?authorization["']?\s*[:=]\s*["']?)(?!(?:bearer|basic)\s+\*\*\*)"""
     r"""[^"',;}\s]+(?:\s+[^"',;}\s]+)?"""
 )
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^:/\s@]*:)[^@\s/]+@", re.IGNORECASE)
+# A scheme starts where a run of scheme characters starts, so a long run costs one pass.
+_URL_PASSWORD = re.compile(
+    r"((?<![a-z0-9+.\-])[a-z][a-z0-9+.\-]*+://[^:/\s@]*:)[^@\s/]+@", re.IGNORECASE
+)
 _SECRET_PARAMETER = re.compile(
     r"(?i)\b(hapikey|api[_-]?key|access[_-]?token|refresh[_-]?token|token|password|secret)"
     r"(=|\"?\s*:\s*\")([^&\s\"',;]+)"
@@ -46,7 +63,7 @@ def register_secrets(values: Iterable[str | None]) -> None:
 
 
 def mask_email(email: str | None) -> str | None:
-    """``john.doe@example.com`` -> ``j***@example.com``."""
+    """``john.doe@example.com`` -> ``j***@example.com``, in any script."""
     if not email:
         return email
     return _EMAIL.sub(r"\1***@\2", email)

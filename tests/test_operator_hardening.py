@@ -11,17 +11,23 @@ and the ``idsync`` command line.
 from __future__ import annotations
 
 import base64
+import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.fake_hubspot import FakeHubSpot
+from idsync.logs import mask_email, scrub
 from idsync.settings import Settings
 from models.tables import DestinationState
+from tests.events import auth0_event
 from tests.pipeline import Pipeline
 
 ADMIN_TOKEN = "admin-secret-token"
@@ -92,3 +98,74 @@ def test_the_admin_api_refuses_http_basic_even_with_the_right_token(
     with pipeline.sessions() as session:
         assert session.scalars(select(DestinationState)).all() == []
     assert pipeline.client.get("/admin/deliveries", headers=BEARER).status_code == 200
+
+
+# Email masking
+
+
+def test_non_ascii_addresses_are_masked() -> None:
+    assert scrub("upsert of JÖHN@EXÄMPLE.com refused") == "upsert of J***@EXÄMPLE.com refused"
+    assert mask_email("ΓΙΑΝΝΗΣ@παράδειγμα.ελ") == "Γ***@παράδειγμα.ελ"
+    assert scrub("Email address δοκιμή@例え.テスト is invalid") == (
+        "Email address δ***@例え.テスト is invalid"
+    )
+
+
+# Characters that end an address in running text, before and after it.
+_BEFORE = ["", " ", "upsert of ", "<", '"email": "', "'", "mailto:", "email=", "(", "\n", "/"]
+_AFTER = ["", " ", " refused", ">", '"}', ".", ",", ")", ";", "\n", "&x=1", "/x"]
+_LETTER = st.characters(categories=["L"])
+_NAME_CHARACTER = st.characters(categories=["L", "M", "N"])
+local_parts = st.builds(
+    lambda first, rest: first + rest,
+    _NAME_CHARACTER | st.sampled_from("._%+-!#$^~"),
+    st.text(_NAME_CHARACTER | st.sampled_from("._%+-'!#$^~"), max_size=20),
+)
+labels = st.text(_NAME_CHARACTER | st.just("-"), min_size=1, max_size=12)
+top_level_domains = st.builds(
+    lambda first, rest: first + rest, _LETTER, st.text(_NAME_CHARACTER, min_size=1, max_size=6)
+)
+domains = st.builds(
+    lambda names, top: ".".join([*names, top]),
+    st.lists(labels, min_size=1, max_size=3),
+    top_level_domains,
+)
+
+
+@given(
+    local=local_parts,
+    domain=domains,
+    before=st.sampled_from(_BEFORE),
+    after=st.sampled_from(_AFTER),
+)
+@example(local="JÖHN", domain="EXÄMPLE.com", before="", after="")
+@example(local="ΓΙΑΝΝΗΣ", domain="παράδειγμα.ελ", before="Email address ", after=" is invalid")
+@example(local="नमस्ते", domain="उदाहरण.भारत", before="", after="")
+def test_any_address_keeps_only_the_first_character_of_its_local_part(
+    local: str, domain: str, before: str, after: str
+) -> None:
+    """The rule is ``j***@example.com``: the rest of the local part is never in clear."""
+    masked = f"{local[0]}***@{domain}"
+    assert mask_email(f"{local}@{domain}") == masked
+    assert scrub(f"{before}{local}@{domain}{after}") == f"{before}{masked}{after}"
+    assert scrub(masked) == masked, "masking twice changes nothing"
+
+
+def test_masking_long_text_takes_one_pass() -> None:
+    started = time.monotonic()
+    for text in ("a" * 100_000, "a@" * 50_000, "a." * 50_000 + "@b", "x@" + "b." * 50_000):
+        assert scrub(text) == text
+    assert time.monotonic() - started < 5, "masking is quadratic in the text's length"
+
+
+def test_the_admin_api_masks_non_ascii_addresses(pipeline: Pipeline) -> None:
+    pipeline.post(auth0_event("user.created", "auth0|gr", email="ΓΙΑΝΝΗΣ@παράδειγμα.ελ"))
+    pipeline.post(auth0_event("user.created", "auth0|de", email="JÖHN@EXÄMPLE.com"))
+    for delivery_id in (1, 2):
+        body = pipeline.client.get(f"/admin/deliveries/{delivery_id}", headers=BEARER)
+        assert body.status_code == 200
+        text = json.dumps(body.json, ensure_ascii=False)
+        assert "ΙΑΝΝΗΣ" not in text and "ÖHN" not in text
+    assert "Γ***@παράδειγμα.ελ" in json.dumps(
+        pipeline.client.get("/admin/deliveries/1", headers=BEARER).json, ensure_ascii=False
+    )
