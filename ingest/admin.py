@@ -13,10 +13,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.auth import presented_secret, secret_matches
 from models.db import transaction
 from models.operations import (
+    DeliveryDetail,
     DeliveryFilter,
     ReplayResult,
     counts_by_status,
@@ -35,6 +37,12 @@ from models.tables import FINISHED
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin", __name__)
+
+# Ingest refuses events nested deeper than this, but rows stored before it did, or
+# written by hand, may hold anything: masking and rendering them would recurse
+# past Python's limit, so the views show them cut at this depth.
+SHOWN_DEPTH = 64
+TRUNCATED = f"(nested deeper than {SHOWN_DEPTH} levels: truncated here)"
 
 
 def _error(code: int, message: str) -> tuple[Response, int]:
@@ -75,6 +83,27 @@ def _database_error(error: SQLAlchemyError) -> tuple[Response, int]:
     return _error(503, "the outbox database is unavailable; retry later")
 
 
+def shallow(value: Any, depth: int = SHOWN_DEPTH) -> Any:
+    """``value`` with every object or array nested deeper than ``depth`` replaced by a note."""
+    if not isinstance(value, dict | list):
+        return value
+    if depth <= 0:
+        return TRUNCATED
+    if isinstance(value, dict):
+        return {key: shallow(item, depth - 1) for key, item in value.items()}
+    return [shallow(item, depth - 1) for item in value]
+
+
+def shown_detail(detail: DeliveryDetail) -> dict[str, Any]:
+    """The masked view of ``detail``, its payload cut at ``SHOWN_DEPTH`` levels.
+
+    The cut copy is set on the loaded event without history, so it is shown and
+    never written back.
+    """
+    set_committed_value(detail.event, "payload", shallow(detail.event.payload))
+    return detail_view(detail)
+
+
 def _wake(destinations: tuple[str, ...]) -> None:
     """Tell the workers that work waits (best effort: the sweep is the backstop)."""
     for destination in destinations:
@@ -105,7 +134,7 @@ def detail_route(delivery_id: int) -> tuple[Response, int]:
         detail = delivery_detail(session=session, delivery_id=delivery_id)
         if detail is None:
             return _error(404, f"no delivery with id {delivery_id}")
-        body = detail_view(detail)
+        body = shown_detail(detail)
     return jsonify(body), 200
 
 

@@ -42,6 +42,7 @@ from wtforms import PasswordField
 from wtforms.validators import DataRequired
 
 from idsync.settings import Settings
+from ingest.admin import shown_detail
 from ingest.auth import secret_matches
 from models.db import transaction
 from models.operations import (
@@ -51,7 +52,6 @@ from models.operations import (
     delivery_view,
     destination_states,
     destination_view,
-    detail_view,
     list_deliveries,
     replay,
 )
@@ -130,8 +130,12 @@ def _signed_in() -> bool:
 
 
 def _safe_next(target: str | None) -> str:
-    """``target`` if it is a page of this admin site, else the index (no open redirect)."""
-    if target:
+    """``target`` if it is a page of this admin site, else the index (no open redirect).
+
+    A control character or a space is refused too: a CR or LF would split the
+    Location header, and the others have no place in a link of this site.
+    """
+    if target and target.isprintable() and not any(ch.isspace() for ch in target):
         parts = urlsplit(target)
         local = not parts.scheme and not parts.netloc and "\\" not in target
         if local and target.startswith("/admin/") and not target.startswith("//"):
@@ -254,7 +258,7 @@ def delivery(delivery_id: int) -> ResponseReturnValue:
         detail = delivery_detail(session=db, delivery_id=delivery_id)
         if detail is None:
             return _error_page(404, "Not found", f"There is no delivery {delivery_id}.")
-        view = detail_view(detail)
+        view = shown_detail(detail)
         replayable = detail.delivery.status in FINISHED and detail.event.payload is not None
     return _render("delivery.html", 200, detail=view, replayable=replayable)
 

@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.fake_hubspot import FakeHubSpot
 from idsync.logs import mask_email, scrub
 from idsync.settings import Settings
-from models.tables import DestinationState
+from models.db import transaction
+from models.tables import Delivery, DestinationState, Event
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
 
@@ -169,3 +170,67 @@ def test_the_admin_api_masks_non_ascii_addresses(pipeline: Pipeline) -> None:
     assert "Γ***@παράδειγμα.ελ" in json.dumps(
         pipeline.client.get("/admin/deliveries/1", headers=BEARER).json, ensure_ascii=False
     )
+
+
+# A payload nested deeper than anything renders
+
+
+def nested(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = {"inner": value}
+    return value
+
+
+def stored_with_deep_payload(pipeline: Pipeline, levels: int = 600) -> int:
+    """One delivery whose stored event holds an object ``levels`` deep (stored before
+    ingest limited nesting, or written by hand)."""
+    pipeline.post(auth0_event("user.created", "auth0|deep", email="deep@example.com"))
+    with transaction(pipeline.sessions) as session:
+        event = session.scalars(select(Event)).one()
+        payload = dict(event.payload or {})
+        payload["data"] = {**payload["data"], "deep": nested(levels)}
+        session.execute(update(Event).where(Event.id == event.id).values(payload=payload))
+        return session.scalars(select(Delivery.id)).one()
+
+
+def test_the_admin_api_shows_a_deeply_nested_payload_truncated(pipeline: Pipeline) -> None:
+    delivery_id = stored_with_deep_payload(pipeline)
+    response = pipeline.client.get(f"/admin/deliveries/{delivery_id}", headers=BEARER)
+    assert response.status_code == 200, response.data[:300]
+    payload = response.json["event"]["payload"]
+    assert payload["data"]["object"]["email"] == "d***@example.com"
+    text = json.dumps(payload)
+    assert "truncated" in text and "bottom" not in text
+
+
+def test_the_admin_page_shows_a_deeply_nested_payload_truncated(pipeline: Pipeline) -> None:
+    delivery_id = stored_with_deep_payload(pipeline)
+    sign_in(pipeline)
+    page = pipeline.client.get(f"/admin/ui/deliveries/{delivery_id}")
+    assert page.status_code == 200, page.data[:300]
+    body = page.get_data(as_text=True)
+    assert "truncated" in body and "d***@example.com" in body
+
+
+# The sign-in's next= parameter
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/admin/\r\nSet-Cookie: idsync_admin=forged",
+        "/admin/?status=failed\r\n",
+        "/admin/\nLocation: https://evil.example/",
+        "/admin/\x00",
+        "/admin/\t/x",
+    ],
+    ids=["crlf-header", "trailing-crlf", "lf", "nul", "tab"],
+)
+def test_a_control_character_in_next_redirects_to_the_admin_index(
+    pipeline: Pipeline, target: str
+) -> None:
+    response = sign_in(pipeline, next_page=target)
+    assert response.status_code == 302, response.data[:300]
+    assert response.location == "/admin/"
+    assert "evil" not in str(response.headers) and "forged" not in str(response.headers)
