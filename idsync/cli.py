@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -12,10 +13,11 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from rich.console import Console
-from rich.json import JSON
+from rich.highlighter import JSONHighlighter
 from rich.panel import Panel
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -149,6 +151,16 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+# Control characters but tab and newline (C0, DEL, C1) and bidirectional overrides:
+# stored text must not move the cursor, recolour or rewrite the operator's terminal.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _shown(value: object) -> Text:
+    """Stored or typed text as rich shows it: markup stays literal, control characters go."""
+    return Text(_UNPRINTABLE.sub("", "" if value is None else str(value)))
+
+
 def _print_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -197,12 +209,12 @@ def _deliveries_table(views: list[dict[str, Any]]) -> Table:
         event = f"{view['event']['type']} {_short(view['event']['time'])}"
         table.add_row(
             str(view["id"]),
-            view["destination"],
-            status,
-            event,
-            view["subject"],
+            _shown(view["destination"]),
+            _shown(status),
+            _shown(event),
+            _shown(view["subject"]),
             str(view["attempts"]),
-            _clip(view["last_error"]),
+            _shown(_clip(view["last_error"])),
         )
     return table
 
@@ -213,7 +225,7 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
     for status in STATUSES:
         table.add_column(status, justify="right")
     for destination, by_status in counts.items():
-        table.add_row(destination, *(str(by_status.get(status, 0)) for status in STATUSES))
+        table.add_row(_shown(destination), *(str(by_status.get(status, 0)) for status in STATUSES))
     return table
 
 
@@ -295,12 +307,18 @@ def show_delivery(delivery_id: int, as_json: bool) -> None:
     summary.add_column(overflow="fold")
     for key, value in view["delivery"].items():
         if key != "event":
-            summary.add_row(key, "" if value is None else str(value))
+            summary.add_row(key, _shown(value))
     console.print(Panel(summary, title=f"Delivery {delivery_id}", title_align="left"))
     event = view["event"]
     payload = event.pop("payload")
-    title = f"Event {event['event_id']} ({event['type']}, {event['time']}, {event['status']})"
-    body = JSON.from_data(payload) if payload is not None else "(payload purged)"
+    title = _shown(
+        f"Event {event['event_id']} ({event['type']}, {event['time']}, {event['status']})"
+    )
+    body = (
+        JSONHighlighter()(_shown(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
+        if payload is not None
+        else "(payload purged)"
+    )
     console.print(Panel(body, title=title, title_align="left"))
     attempts = Table(title="Attempts", title_justify="left")
     for name in ("started", "request", "status", "category", "outcome", "ms", "response"):
@@ -308,13 +326,13 @@ def show_delivery(delivery_id: int, as_json: bool) -> None:
     for attempt in view["attempts"]:
         duration = attempt["duration_ms"]
         attempts.add_row(
-            attempt["started_at"],
-            attempt["request"],
+            _shown(attempt["started_at"]),
+            _shown(attempt["request"]),
             str(attempt["status_code"] or ""),
-            attempt["error_category"] or "",
-            attempt["outcome"],
+            _shown(attempt["error_category"]),
+            _shown(attempt["outcome"]),
             f"{duration:.0f}" if duration is not None else "",
-            attempt["response"] or "",
+            _shown(attempt["response"]),
         )
     console.print(attempts if view["attempts"] else "No attempts yet.")
 
@@ -334,7 +352,7 @@ def _replay_one(
         if detail.event.payload is None:
             raise click.ClickException(
                 f"the event of delivery {delivery_id} was purged; nothing left to send "
-                f"(try idsync resync --subject '{detail.delivery.subject}')"
+                f"(try idsync resync --subject '{_shown(detail.delivery.subject)}')"
             )
         return replay(session=session, delivery_ids=[delivery_id], dry_run=dry_run)
 
@@ -426,15 +444,19 @@ def replay_command(
         _print_json(replay_view(result, dry_run=dry_run))
     elif dry_run:
         _out().print(
-            f"{result.matched} deliveries would be replayed"
-            + (f" ({', '.join(result.destinations)})." if result.destinations else ".")
+            _shown(
+                f"{result.matched} deliveries would be replayed"
+                + (f" ({', '.join(result.destinations)})." if result.destinations else ".")
+            )
         )
     elif not result.matched:
         _out().print("Nothing to replay: no finished delivery matches.")
     else:
         _out().print(
-            f"Replayed {result.replayed} of {result.matched} deliveries "
-            f"({', '.join(result.destinations)}); the workers were woken."
+            _shown(
+                f"Replayed {result.replayed} of {result.matched} deliveries "
+                f"({', '.join(result.destinations)}); the workers were woken."
+            )
         )
 
 
@@ -465,7 +487,7 @@ def resync(subject: str, destination: str | None, as_json: bool) -> None:
     if as_json:
         _print_json({"subject": subject, "queued": queued})
     else:
-        _out().print(f"Queued {queued} deliveries with the newest state of {subject}.")
+        _out().print(_shown(f"Queued {queued} deliveries with the newest state of {subject}."))
 
 
 def _days(value: str, name: str) -> timedelta:
@@ -547,7 +569,7 @@ def forget(subject: str, yes: bool, as_json: bool) -> None:
     if as_json:
         _print_json({"subject": subject, "removed": counts})
         return
-    table = Table(title=f"Erased for {subject}", title_justify="left")
+    table = Table(title=_shown(f"Erased for {subject}"), title_justify="left")
     table.add_column("what")
     table.add_column("rows", justify="right")
     for name, number in counts.items():
@@ -617,8 +639,8 @@ def list_destinations(as_json: bool) -> None:
             reason = view["paused_reason"]
             state = f"paused by {view['paused_by']}" + (f": {reason}" if reason else "")
         table.add_row(
-            view["name"],
-            state,
+            _shown(view["name"]),
+            _shown(state),
             _short(view["paused_at"]),
             *(str(view["deliveries"].get(status, 0)) for status in shown),
         )

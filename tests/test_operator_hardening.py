@@ -18,16 +18,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from idsync.cli import main
 from idsync.fake_hubspot import FakeHubSpot
 from idsync.logs import mask_email, scrub
 from idsync.settings import Settings
 from models.db import transaction
-from models.tables import Delivery, DestinationState, Event
+from models.tables import Delivery, DeliveryAttempt, DestinationState, Event
+from tests.conftest import REDIS_URL
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
 
@@ -234,3 +237,80 @@ def test_a_control_character_in_next_redirects_to_the_admin_index(
     assert response.status_code == 302, response.data[:300]
     assert response.location == "/admin/"
     assert "evil" not in str(response.headers) and "forged" not in str(response.headers)
+
+
+# The command line prints stored text as text
+
+
+HOSTILE_SUBJECTS = ["[/]", "[link=https://evil.example]x[/link]", "\x1b[31mred"]
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str, redis_prefix: str) -> dict[str, str]:
+    """The environment an operator's shell would have, pointing at the test outbox."""
+    values = {
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": REDIS_URL,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_KEY_PREFIX": redis_prefix,
+        "DESTINATIONS": "hubspot",
+        "HUBSPOT_TOKEN": "fake-token",
+        "COLUMNS": "250",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+    return values
+
+
+def idsync(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def hostile_rows(pipeline: Pipeline) -> list[int]:
+    """A delivery per hostile user_id, with an attempt whose stored texts are hostile too."""
+    for subject in HOSTILE_SUBJECTS:
+        answer = pipeline.post(auth0_event("user.created", subject, email="x@example.com"))
+        assert answer.status_code == 202, answer.json
+    with transaction(pipeline.sessions) as session:
+        ids = list(session.scalars(select(Delivery.id).order_by(Delivery.id)))
+        for delivery_id, subject in zip(ids, HOSTILE_SUBJECTS, strict=True):
+            session.execute(
+                update(Delivery).where(Delivery.id == delivery_id).values(last_error=subject)
+            )
+            session.add(
+                DeliveryAttempt(
+                    delivery_id=delivery_id,
+                    request_summary=f"PATCH {subject}",
+                    outcome="retry",
+                    error_category=subject,
+                    response_excerpt=f"HubSpot said {subject}",
+                )
+            )
+    return ids
+
+
+def assert_shown_as_text(result: Result) -> None:
+    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
+    assert "\x1b" not in result.output, "an escape sequence reached the terminal"
+    for subject in HOSTILE_SUBJECTS:
+        assert subject.replace("\x1b", "") in result.output
+
+
+def test_deliveries_prints_stored_markup_and_escapes_as_text(
+    env: dict[str, str], pipeline: Pipeline
+) -> None:
+    hostile_rows(pipeline)
+    assert_shown_as_text(idsync("deliveries"))
+
+
+@pytest.mark.parametrize("index", range(len(HOSTILE_SUBJECTS)))
+def test_deliveries_show_prints_stored_markup_and_escapes_as_text(
+    env: dict[str, str], pipeline: Pipeline, index: int
+) -> None:
+    delivery_id = hostile_rows(pipeline)[index]
+    result = idsync("deliveries", "show", str(delivery_id))
+    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
+    assert "\x1b" not in result.output, "an escape sequence reached the terminal"
+    subject = HOSTILE_SUBJECTS[index].replace("\x1b", "")
+    assert result.output.count(subject) >= 4  # subject, last error, attempt, payload
