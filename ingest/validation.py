@@ -1,22 +1,161 @@
-"""Turn an Auth0 Event Stream delivery (one structured CloudEvent) into a ``NewEvent``."""
+"""Turn an Auth0 Event Stream delivery (one structured CloudEvent) into a ``NewEvent``.
+
+Everything a body could carry that the database cannot hold is decided here,
+before the insert: PostgreSQL's text and JSONB refuse NUL characters and
+unpaired surrogates, JSONB refuses NaN and infinities, and the key columns have
+lengths. A field idsync keys on (``id``, ``source``, ``type``, ``time``,
+``data.object.user_id``) with such a value is rejected; anywhere else the value
+is cleaned (NUL removed, a surrogate replaced by U+FFFD) and the event stored.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from models.ordering import parse_time
+from sqlalchemy import String
+
+from models.ordering import EARLIEST, LATEST, TimeOutOfRange, parse_time
 from models.outbox import NewEvent
-from models.tables import EventStatus
+from models.tables import Event, EventStatus
 
 HANDLED_TYPES = frozenset({"user.created", "user.updated", "user.deleted"})
 JSON_MEDIA_TYPES = frozenset({"application/json", "application/cloudevents+json"})
+MAX_DEPTH = 64
+
+TOO_DEEP = f"too_deep: the JSON is nested deeper than {MAX_DEPTH} levels"
+NON_FINITE_NUMBER = (
+    "non_finite_number: the JSON holds NaN, Infinity or a number beyond a double's range, "
+    "which cannot be stored"
+)
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _column_length(name: str) -> int:
+    length = cast(String, Event.__table__.c[name].type).length
+    assert length is not None
+    return length
+
+
+# The limits are the events table's own, so a stored event always fits.
+MAX_LENGTHS = {
+    "source": _column_length("source"),
+    "id": _column_length("event_id"),
+    "type": _column_length("type"),
+    "data.object.user_id": _column_length("subject"),
+}
 
 
 class InvalidEvent(ValueError):
     """The body is JSON but not an event idsync can store; the message says why."""
+
+
+class NotJson(ValueError):
+    """The body is not JSON at all."""
+
+
+def _integer(text: str) -> int | float:
+    # An integer no double can hold would overflow every consumer that reads JSON
+    # numbers as doubles; mark it like 1e400 so that it is refused the same way.
+    return int(text) if math.isfinite(float(text)) else math.inf
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON document in ``body``; ``NotJson`` or ``InvalidEvent`` (too deep) if none.
+
+    NaN, Infinity and numbers beyond a double parse to non-finite floats here, so
+    that ``storable`` can refuse them by name instead of the database refusing them.
+    """
+    try:
+        return json.loads(body, parse_constant=float, parse_int=_integer)
+    except RecursionError as error:
+        # The parser recurses per level: it ran out of stack far beyond MAX_DEPTH.
+        raise InvalidEvent(TOO_DEEP) from error
+    except ValueError as error:  # UnicodeDecodeError included
+        raise NotJson(str(error)) from error
+
+
+def clean_text(text: str) -> str:
+    """``text`` without NUL characters, each unpaired surrogate replaced by U+FFFD."""
+    if _UNSTORABLE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+
+
+def storable(value: Any, depth: int = 1) -> Any:
+    """A copy of the JSON ``value`` that the database can hold (strings cleaned).
+
+    Raises ``InvalidEvent`` when it is nested deeper than ``MAX_DEPTH`` or holds a
+    number that is not finite; the recursion stops at ``MAX_DEPTH``.
+    """
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidEvent(NON_FINITE_NUMBER)
+    if isinstance(value, dict | list) and depth > MAX_DEPTH:
+        raise InvalidEvent(TOO_DEEP)
+    if isinstance(value, dict):
+        return {clean_text(key): storable(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable(item, depth + 1) for item in value]
+    return value
+
+
+def _pruned(value: Any, depth: int = 1) -> Any:
+    """``value`` with whatever lies deeper than ``MAX_DEPTH`` replaced by a marker."""
+    if isinstance(value, dict | list) and depth > MAX_DEPTH:
+        return f"(cut: nested deeper than {MAX_DEPTH} levels)"
+    if isinstance(value, dict):
+        return {key: _pruned(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_pruned(item, depth + 1) for item in value]
+    return value
+
+
+def quarantine_text(body: bytes, document: Any | None) -> str:
+    """What the quarantine keeps of a rejected body: text the database can hold.
+
+    A parsed document is kept as JSON without ``data.context`` (the end user's IP
+    address and location), NULs and unpaired surrogates written as JSON escapes.
+    A body that could not be parsed (``document`` is None) is kept as decoded text.
+    """
+    if document is None:
+        return body.decode("utf-8", errors="replace").replace("\x00", "\\u0000")
+    kept = without_context(document) if isinstance(document, dict) else document
+    # json.dumps escapes NUL itself; surrogates only stand inside strings, so
+    # writing them as escapes keeps the JSON valid and the evidence exact.
+    text = json.dumps(_pruned(kept), ensure_ascii=False)
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _check_key_field(name: str, value: str) -> None:
+    """Refuse a value idsync keys on that the database cannot hold as it is."""
+    label = f"CloudEvent attribute '{name}'" if "." not in name else name
+    if _UNSTORABLE.search(value):
+        raise InvalidEvent(
+            f"{label} contains a NUL character or an unpaired surrogate, which cannot be stored"
+        )
+    limit = MAX_LENGTHS.get(name)
+    if limit is not None and len(value) > limit:
+        raise InvalidEvent(f"{label} is longer than {limit} characters")
+
+
+def _event_time(value: Any, name: str) -> Any:
+    """``parse_time``, with an instant out of range refused by the field's name."""
+    label = f"CloudEvent attribute '{name}'" if "." not in name else name
+    try:
+        return parse_time(value)
+    except TimeOutOfRange as error:
+        raise InvalidEvent(
+            f"{label} is out of range: after its UTC offset it must fall between "
+            f"{EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}"
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -68,8 +207,17 @@ def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
     The type is checked before the user fields, so event types idsync does not
     handle are stored as ignored instead of being rejected.
     """
+    cleaned = storable(document)
     envelope = read_envelope(document)
-    event_time = parse_time(envelope.time)
+    for name, value in (
+        ("id", envelope.event_id),
+        ("source", envelope.source),
+        ("type", envelope.type),
+    ):
+        _check_key_field(name, value)
+    if isinstance(envelope.time, str):
+        _check_key_field("time", envelope.time)
+    event_time = _event_time(envelope.time, "time")
     if event_time is None:
         raise InvalidEvent("CloudEvent attribute 'time' is missing or not an RFC 3339 timestamp")
     common = {
@@ -77,7 +225,7 @@ def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
         "event_id": envelope.event_id,
         "type": envelope.type,
         "event_time": event_time,
-        "payload": without_context(document),
+        "payload": without_context(cleaned),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
     if envelope.type not in HANDLED_TYPES:
@@ -94,11 +242,13 @@ def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
     if not isinstance(user_id, str) or not user_id.strip():
         raise InvalidEvent(f"a {envelope.type} event needs data.object.user_id")
     assert isinstance(user, dict)
+    _check_key_field("data.object.user_id", user_id)
+    object_updated_at = _event_time(user.get("updated_at"), "data.object.updated_at")
     is_test = document.get("a0purpose") == "test"
     return NewEvent(
         **common,  # type: ignore[arg-type]
         subject=user_id,
-        object_updated_at=parse_time(user.get("updated_at")),
+        object_updated_at=object_updated_at,
         status=EventStatus.IGNORED if is_test else EventStatus.ACCEPTED,
         ignore_reason="test_event" if is_test else None,
     )

@@ -2,22 +2,32 @@
 
 Every 2xx means the event is committed; nothing enters the outbox otherwise.
 Auth0 never retries a 4xx, so 4xx is kept for bodies that can never succeed,
-and a database that cannot commit answers 503 so that Auth0 tries again.
+and a database that cannot commit answers 503 so that Auth0 tries again. A 422
+promises that the body was quarantined: when even that cannot be committed, the
+answer is 503 as well.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import structlog
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest.auth import presented_secret, secret_matches
-from ingest.validation import JSON_MEDIA_TYPES, InvalidEvent, read_envelope, to_new_event
+from ingest.validation import (
+    JSON_MEDIA_TYPES,
+    InvalidEvent,
+    NotJson,
+    clean_text,
+    parse_json,
+    quarantine_text,
+    read_envelope,
+    to_new_event,
+)
 from models.db import transaction
 from models.outbox import NewEvent, Recorded, record_event
 from models.tables import EventStatus, Quarantine
@@ -35,22 +45,63 @@ def _reject(code: int, error: str) -> tuple[Response, int]:
     return _answer(code, status="rejected", error=error)
 
 
-def _quarantine(body: bytes, reason: str, document: object) -> None:
-    """Keep an authenticated body that failed validation, for operators to inspect."""
+def _unavailable() -> tuple[Response, int]:
+    response, status = _reject(503, "the outbox database is unavailable; retry later")
+    response.headers["Retry-After"] = "1"
+    return response, status
+
+
+def _column_text(value: object) -> str | None:
+    return clean_text(value)[:255] if isinstance(value, str) else None
+
+
+def _quarantine(body: bytes, reason: str, document: Any | None) -> tuple[Response, int]:
+    """Keep an authenticated body that failed validation, for operators, and answer 422."""
     fields = document if isinstance(document, dict) else {}
-    source, event_id = fields.get("source"), fields.get("id")
     try:
         with transaction(current_app.extensions["idsync"].sessions) as session:
             session.add(
                 Quarantine(
                     reason=reason,
-                    source=source[:255] if isinstance(source, str) else None,
-                    event_id=event_id[:255] if isinstance(event_id, str) else None,
-                    body=body.decode("utf-8", errors="replace"),
+                    source=_column_text(fields.get("source")),
+                    event_id=_column_text(fields.get("id")),
+                    body=quarantine_text(body, document),
                 )
             )
-    except SQLAlchemyError:
-        log.exception("could not quarantine a rejected body")
+    except DataError:
+        log.exception("rejected a body (%s) and could not quarantine it", reason)
+    except SQLAlchemyError as error:
+        log.error(
+            "rejected a body (%s) but could not quarantine it: database unavailable (%s)",
+            reason,
+            type(error).__name__,
+        )
+        return _unavailable()
+    else:
+        log.warning("rejected a body and quarantined it: %s", reason)
+    return _reject(422, reason)
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, or ``RequestEntityTooLarge`` when it is over ``limit`` bytes.
+
+    Werkzeug refuses a declared Content-Length over the limit itself, but it cuts
+    a chunked body (no Content-Length) at the limit and returns the prefix as if
+    it were whole. gunicorn ends a chunked body's stream (``wsgi.input_terminated``),
+    so read one byte past the limit to tell a body at the limit from a longer one.
+    """
+    if request.content_length is not None or "wsgi.input_terminated" not in request.environ:
+        return request.get_data(cache=False)
+    stream, chunks, size = request.input_stream, [], 0
+    while size <= limit:
+        chunk = stream.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise RequestEntityTooLarge()
+    return b"".join(chunks)
 
 
 def _source_allowed(document: dict[str, Any]) -> bool:
@@ -76,39 +127,45 @@ def receive_auth0_event() -> tuple[Response, int]:
         return _reject(
             415, "send one CloudEvent as application/json or application/cloudevents+json"
         )
+    limit = state.settings.ingest_max_body_bytes
     try:
-        body = request.get_data(cache=False)
+        body = _read_body(limit)
     except RequestEntityTooLarge:
-        return _reject(413, f"body over {state.settings.ingest_max_body_bytes} bytes")
+        return _reject(413, f"body over {limit} bytes")
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        document = parse_json(body)
+    except NotJson:
         return _reject(400, "the body is not valid JSON")
+    except InvalidEvent as error:
+        return _quarantine(body, str(error), None)
     try:
         if not _source_allowed(document):
             return _reject(403, "this event source is not in INGEST_ALLOWED_SOURCES")
         event = to_new_event(document, body)
         structlog.contextvars.bind_contextvars(event_id=event.event_id)
     except InvalidEvent as error:
-        _quarantine(body, str(error), document)
-        return _reject(422, str(error))
-    return _store(event)
+        return _quarantine(body, str(error), document)
+    return _store(event, body, document)
 
 
-def _store(event: NewEvent) -> tuple[Response, int]:
+def _store(event: NewEvent, body: bytes, document: Any) -> tuple[Response, int]:
     state = current_app.extensions["idsync"]
     try:
         with transaction(state.sessions) as session:
             recorded = record_event(
                 session=session, event=event, destinations=state.settings.destinations
             )
+    except DataError as error:
+        # Validation should have caught this value: the database refuses this body,
+        # and would refuse every retry of it, so keep it and say so.
+        code = getattr(error.orig, "sqlstate", None)
+        log.error("event %s refused by the database (SQLSTATE %s)", event.event_id, code)
+        return _quarantine(body, f"the database refused a value of this event ({code})", document)
     except SQLAlchemyError as error:
         log.error(
             "event %s not stored: database unavailable (%s)", event.event_id, type(error).__name__
         )
-        response, status = _reject(503, "the outbox database is unavailable; retry later")
-        response.headers["Retry-After"] = "1"
-        return response, status
+        return _unavailable()
     if recorded.duplicate:
         return _duplicate(event, recorded)
     for destination in recorded.destinations:

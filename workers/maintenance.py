@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
 from idsync.settings import Settings
 from models.db import db_now, transaction
 from models.outbox import destination_state, set_paused
 from models.retention import purge_before
+from models.tables import Quarantine
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
@@ -38,10 +40,22 @@ def probe_paused(rt: Runtime, destination: str) -> None:
 
 
 def purge_finished(*, session: Session, settings: Settings) -> dict[str, int]:
-    """Apply ``RETENTION_DAYS`` and the longer deletion horizon."""
+    """Apply ``RETENTION_DAYS`` and the longer deletion horizon.
+
+    Quarantined bodies are personal data with nothing to finish: they are deleted
+    after ``RETENTION_DAYS``, like the payloads of finished events.
+    """
     now = db_now(session)
-    return purge_before(
+    payloads_before = now - timedelta(days=settings.retention_days)
+    counts = purge_before(
         session=session,
-        payloads_before=now - timedelta(days=settings.retention_days),
+        payloads_before=payloads_before,
         rows_before=now - timedelta(days=settings.retention_delete_days),
     )
+    quarantined = session.execute(
+        delete(Quarantine)
+        .where(Quarantine.received_at < payloads_before)
+        .execution_options(synchronize_session=False)
+    )
+    counts["quarantine"] = int(cast(CursorResult[Any], quarantined).rowcount)
+    return counts
