@@ -449,6 +449,11 @@ def replay_command(
                 + (f" ({', '.join(result.destinations)})." if result.destinations else ".")
             )
         )
+    elif not result.matched and result.purged:
+        _out().print(
+            f"Nothing to replay: the {result.purged} finished deliveries that match have no "
+            "payload left (purged by RETENTION_DAYS or idsync forget), so nothing can be sent."
+        )
     elif not result.matched:
         _out().print("Nothing to replay: no finished delivery matches.")
     else:

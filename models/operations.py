@@ -25,6 +25,7 @@ from sqlalchemy import (
     and_,
     delete,
     func,
+    not_,
     null,
     or_,
     select,
@@ -263,6 +264,8 @@ class ReplayResult:
     matched: int
     replayed: int
     destinations: tuple[str, ...] = field(default_factory=tuple)
+    # Matched but left alone: their event's payload is gone, so nothing can be sent.
+    purged: int = 0
 
 
 def _replayable_statuses(filter: DeliveryFilter | None) -> tuple[DeliveryStatus, ...]:
@@ -320,11 +323,12 @@ def replay(
     target, event = aliased(Delivery), aliased(Event)
     conditions = [
         target.status.in_(statuses),
-        _has_payload(event.payload),
         *(_conditions(filter, target, event) if filter is not None else []),
     ]
     if delivery_ids is not None:
         conditions.append(target.id.in_(list(delivery_ids)))
+    unsendable = [*conditions, not_(_has_payload(event.payload))]
+    conditions.append(_has_payload(event.payload))
     matches = session.execute(
         select(target.destination, func.count(), func.max(target.id))
         .join(event, event.id == target.event_pk)
@@ -334,7 +338,16 @@ def replay(
     ).all()
     matched = sum(row[1] for row in matches)
     destinations = tuple(row[0] for row in matches)
-    if dry_run or not matched:
+    if not matched:
+        # Say why nothing matched when the reason is a purged payload.
+        purged = session.scalar(
+            select(func.count())
+            .select_from(target)
+            .join(event, event.id == target.event_pk)
+            .where(*unsendable)
+        )
+        return ReplayResult(matched=0, replayed=0, purged=int(purged or 0))
+    if dry_run:
         return ReplayResult(matched=matched, replayed=0, destinations=destinations)
     # Walk down the ids from the highest match, so each chunk reads only new rows;
     # rows that turn finished while the replay runs are left for another one.
@@ -689,4 +702,5 @@ def replay_view(result: ReplayResult, *, dry_run: bool) -> dict[str, Any]:
         "matched": result.matched,
         "replayed": result.replayed,
         "destinations": list(result.destinations),
+        "purged": result.purged,
     }

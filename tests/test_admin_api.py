@@ -185,6 +185,7 @@ def test_replay_one_delivery(pipeline: Pipeline) -> None:
         "matched": 1,
         "replayed": 1,
         "destinations": ["hubspot"],
+        "purged": 0,
     }
     again = post(pipeline, "/admin/deliveries/2/replay")
     assert again.status_code == 409 and "pending" in again.json["error"]
@@ -203,7 +204,13 @@ def test_bulk_replay_by_filters_with_dry_run(pipeline: Pipeline) -> None:
     assert pipeline.deliveries() == [("failed", "rejected")] * 3
     dry = post(pipeline, "/admin/replay", json={"status": "failed", "dry_run": True})
     assert dry.status_code == 200
-    assert dry.json == {"dry_run": True, "matched": 3, "replayed": 0, "destinations": ["hubspot"]}
+    assert dry.json == {
+        "dry_run": True,
+        "matched": 3,
+        "replayed": 0,
+        "destinations": ["hubspot"],
+        "purged": 0,
+    }
     assert pipeline.deliveries() == [("failed", "rejected")] * 3
     one = post(pipeline, "/admin/replay", json={"subject": "auth0|1"})
     assert (one.json["matched"], one.json["replayed"]) == (1, 1)

@@ -198,6 +198,7 @@ def test_bulk_replay_asks_counts_and_shows_progress(
         "matched": 5,
         "replayed": 0,
         "destinations": ["hubspot"],
+        "purged": 0,
     }
     declined = idsync("replay", "--status", "failed", input="n\n")
     assert declined.exit_code == 1 and "Replay 5 deliveries to hubspot?" in declined.stderr
@@ -209,6 +210,18 @@ def test_bulk_replay_asks_counts_and_shows_progress(
     assert pipeline.deliveries() == [("pending", None)] * 5
     again = idsync("replay", "--status", "failed", "--yes")
     assert again.exit_code == 0 and "Nothing to replay" in again.stdout
+
+
+def test_replay_says_when_what_matches_was_purged(env: dict[str, str], pipeline: Pipeline) -> None:
+    failed_users(pipeline, 2)
+    with transaction(pipeline.sessions) as session:
+        session.execute(update(Event).values(payload=None))
+    result = idsync("replay", "--status", "failed", "--yes")
+    assert result.exit_code == 0
+    assert "the 2 finished deliveries that match have no payload left" in result.stdout
+    assert as_json(idsync("replay", "--status", "failed", "--dry-run", "--json"))["purged"] == 2
+    one = idsync("replay", "1")
+    assert one.exit_code == 1 and "was purged" in one.stderr
 
 
 def test_resync_queues_the_newest_state(env: dict[str, str], pipeline: Pipeline) -> None:
