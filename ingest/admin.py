@@ -9,10 +9,12 @@ admin page is a separate blueprint, so only the JSON routes below belong here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.auth import presented_secret, secret_matches
@@ -43,6 +45,8 @@ blueprint = Blueprint("admin", __name__)
 # past Python's limit, so the views show them cut at this depth.
 SHOWN_DEPTH = 64
 TRUNCATED = f"(nested deeper than {SHOWN_DEPTH} levels: truncated here)"
+# Ids are BIGINT: a larger number in a path finds nothing, without asking the database.
+MAX_ID = 2**63 - 1
 
 
 def _error(code: int, message: str) -> tuple[Response, int]:
@@ -83,6 +87,51 @@ def _database_error(error: SQLAlchemyError) -> tuple[Response, int]:
     return _error(503, "the outbox database is unavailable; retry later")
 
 
+def find_delivery(*, session: Session, delivery_id: int) -> DeliveryDetail | None:
+    """The delivery with this id, or None; an id beyond the column's range is none either."""
+    if not 1 <= delivery_id <= MAX_ID:
+        return None
+    return delivery_detail(session=session, delivery_id=delivery_id)
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can hold or compare ``text`` (no NUL, no unpaired surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def delivery_filter(params: Mapping[str, Any]) -> DeliveryFilter:
+    """The filter an HTTP request names, or a ``ValueError`` that says what is wrong.
+
+    On top of ``DeliveryFilter.from_params``, text the database cannot compare, a
+    cursor past the id column's range and a time past year 9999 are the request's
+    fault (400), not an unavailable database (503) or a crash (500).
+    """
+    for name, value in params.items():
+        if isinstance(value, str) and not _storable(value):
+            raise ValueError(f"{name} holds a NUL character or an unpaired surrogate")
+    try:
+        item = DeliveryFilter.from_params(params)
+    except OverflowError:
+        raise ValueError("since and until must lie between the years 1 and 9999") from None
+    if item.cursor is not None and item.cursor > MAX_ID:
+        raise ValueError("cursor must be the next_cursor of a previous page")
+    return item
+
+
+def _json_body() -> Any:
+    """The request's JSON body; None when it is absent, not JSON, or nested too deep."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
+
+
 def shallow(value: Any, depth: int = SHOWN_DEPTH) -> Any:
     """``value`` with every object or array nested deeper than ``depth`` replaced by a note."""
     if not isinstance(value, dict | list):
@@ -114,7 +163,7 @@ def _wake(destinations: tuple[str, ...]) -> None:
 def list_route() -> tuple[Response, int]:
     """Deliveries newest first, filtered by the query string, with counts by status."""
     try:
-        item = DeliveryFilter.from_params(request.args.to_dict())
+        item = delivery_filter(request.args.to_dict())
     except ValueError as error:
         return _error(400, str(error))
     with transaction(_state().sessions) as session:
@@ -131,7 +180,7 @@ def list_route() -> tuple[Response, int]:
 def detail_route(delivery_id: int) -> tuple[Response, int]:
     """One delivery with its event (masked) and every attempt."""
     with transaction(_state().sessions) as session:
-        detail = delivery_detail(session=session, delivery_id=delivery_id)
+        detail = find_delivery(session=session, delivery_id=delivery_id)
         if detail is None:
             return _error(404, f"no delivery with id {delivery_id}")
         body = shown_detail(detail)
@@ -142,7 +191,7 @@ def detail_route(delivery_id: int) -> tuple[Response, int]:
 def replay_one_route(delivery_id: int) -> tuple[Response, int]:
     """Put one finished delivery back to pending with a fresh attempt budget."""
     with transaction(_state().sessions) as session:
-        detail = delivery_detail(session=session, delivery_id=delivery_id)
+        detail = find_delivery(session=session, delivery_id=delivery_id)
         if detail is None:
             return _error(404, f"no delivery with id {delivery_id}")
         if detail.delivery.status not in FINISHED:
@@ -161,14 +210,14 @@ def replay_one_route(delivery_id: int) -> tuple[Response, int]:
 @blueprint.post("/admin/replay")
 def replay_bulk_route() -> tuple[Response, int]:
     """Replay every delivery the JSON body's filters match (``dry_run``: only count)."""
-    body = request.get_json(silent=True)
+    body = _json_body()
     if not isinstance(body, dict):
         return _error(400, 'send a JSON object of filters, e.g. {"status": "failed"}')
     dry_run = body.pop("dry_run", False)
     if not isinstance(dry_run, bool):
         return _error(400, "dry_run must be true or false")
     try:
-        item = DeliveryFilter.from_params(body)
+        item = delivery_filter(body)
         with transaction(_state().sessions) as session:
             result: ReplayResult = replay(session=session, filter=item, dry_run=dry_run)
     except ValueError as error:
@@ -192,10 +241,13 @@ def pause_route(name: str) -> tuple[Response, int]:
     unknown = _known_destination(name)
     if unknown:
         return unknown
-    body = request.get_json(silent=True) or {}
-    reason = body.get("reason") if isinstance(body, dict) else None
-    if reason is not None and not isinstance(reason, str):
-        return _error(400, "reason must be text")
+    # No body is fine; a body that is not {"reason": ...} is a mistake worth saying.
+    body = _json_body() if request.get_data() else {}
+    if not isinstance(body, dict) or set(body) - {"reason"}:
+        return _error(400, 'send no body or a JSON object such as {"reason": "maintenance"}')
+    reason = body.get("reason")
+    if reason is not None and not (isinstance(reason, str) and _storable(reason)):
+        return _error(400, "reason must be text without NUL characters or unpaired surrogates")
     with transaction(_state().sessions) as session:
         pause_destination(session=session, name=name, reason=reason)
         view = destination_view(name, destination_states(session=session).get(name))

@@ -42,13 +42,11 @@ from wtforms import PasswordField
 from wtforms.validators import DataRequired
 
 from idsync.settings import Settings
-from ingest.admin import shown_detail
+from ingest.admin import delivery_filter, find_delivery, shown_detail
 from ingest.auth import secret_matches
 from models.db import transaction
 from models.operations import (
-    DeliveryFilter,
     counts_by_status,
-    delivery_detail,
     delivery_view,
     destination_states,
     destination_view,
@@ -224,7 +222,7 @@ def index() -> ResponseReturnValue:
     deliveries: list[dict[str, Any]] = []
     next_cursor = None
     try:
-        item = DeliveryFilter.from_params({**params, **paging})
+        item = delivery_filter({**params, **paging})
     except ValueError as invalid:
         item, error = None, str(invalid)
     with transaction(_state().sessions) as db:
@@ -255,7 +253,7 @@ def index() -> ResponseReturnValue:
 def delivery(delivery_id: int) -> ResponseReturnValue:
     """One delivery, its event (masked) and every attempt."""
     with transaction(_state().sessions) as db:
-        detail = delivery_detail(session=db, delivery_id=delivery_id)
+        detail = find_delivery(session=db, delivery_id=delivery_id)
         if detail is None:
             return _error_page(404, "Not found", f"There is no delivery {delivery_id}.")
         view = shown_detail(detail)
@@ -267,7 +265,7 @@ def delivery(delivery_id: int) -> ResponseReturnValue:
 def replay_delivery(delivery_id: int) -> ResponseReturnValue:
     """Put one finished delivery back to pending and wake the workers."""
     with transaction(_state().sessions) as db:
-        detail = delivery_detail(session=db, delivery_id=delivery_id)
+        detail = find_delivery(session=db, delivery_id=delivery_id)
         if detail is None:
             return _error_page(404, "Not found", f"There is no delivery {delivery_id}.")
         result = replay(session=db, delivery_ids=[delivery_id])
@@ -289,7 +287,7 @@ def confirm_replay() -> ResponseReturnValue:
     """How many deliveries the filters match (a dry run), with a button to replay them."""
     params = _filter_params()
     try:
-        item = DeliveryFilter.from_params(params)
+        item = delivery_filter(params)
         with transaction(_state().sessions) as db:
             result = replay(session=db, filter=item, dry_run=True)
     except ValueError as invalid:
@@ -302,7 +300,7 @@ def replay_matching() -> ResponseReturnValue:
     """Replay every delivery the confirmed filters match, then show them on their way."""
     params = {name: request.form[name] for name in FILTER_NAMES if request.form.get(name)}
     try:
-        item = DeliveryFilter.from_params(params)
+        item = delivery_filter(params)
         with transaction(_state().sessions) as db:
             result = replay(session=db, filter=item)
     except ValueError as invalid:

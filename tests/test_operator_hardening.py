@@ -314,3 +314,72 @@ def test_deliveries_show_prints_stored_markup_and_escapes_as_text(
     assert "\x1b" not in result.output, "an escape sequence reached the terminal"
     subject = HOSTILE_SUBJECTS[index].replace("\x1b", "")
     assert result.output.count(subject) >= 4  # subject, last error, attempt, payload
+
+
+# What fuzzing the admin API found: the request's fault is a 400 or 404, never a 5xx
+
+
+def test_an_id_beyond_the_id_column_is_not_found(pipeline: Pipeline) -> None:
+    huge = 2**63
+    for method, path in [
+        ("get", f"/admin/deliveries/{huge}"),
+        ("post", f"/admin/deliveries/{huge}/replay"),
+    ]:
+        response = getattr(pipeline.client, method)(path, headers=BEARER)
+        assert response.status_code == 404, (path, response.json)
+    sign_in(pipeline)
+    assert pipeline.client.get(f"/admin/ui/deliveries/{huge}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("cursor", str(2**63)),
+        ("subject", "auth0|\x00"),
+        ("since", "9999-12-31T23:59:59-23:59"),
+        ("until", "99999999999999999999w"),
+    ],
+)
+def test_a_filter_the_database_cannot_take_is_a_400(
+    pipeline: Pipeline, name: str, value: str
+) -> None:
+    listed = pipeline.client.get("/admin/deliveries", query_string={name: value}, headers=BEARER)
+    assert listed.status_code == 400, listed.json
+    assert name in listed.json["error"] or "since and until" in listed.json["error"]
+    replayed = pipeline.client.post(
+        "/admin/replay", json={name: value, "dry_run": True}, headers=BEARER
+    )
+    assert replayed.status_code == 400, replayed.json
+    sign_in(pipeline)
+    assert pipeline.client.get("/admin/", query_string={name: value}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"status": "failed", "x": ' + b"[" * 5_000 + b"]" * 5_000],
+    ids=["deep", "deep-inside"],
+)
+def test_a_json_body_nested_past_the_parser_is_a_400(pipeline: Pipeline, body: bytes) -> None:
+    for path in ("/admin/replay", "/admin/destinations/hubspot/pause"):
+        response = pipeline.client.post(
+            path, data=body, content_type="application/json", headers=BEARER
+        )
+        assert response.status_code == 400, (path, response.json)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['"maintenance"', "[1]", '{"reason": "x", "reson": "typo"}', '{"reason": "a\\u0000b"}', "no"],
+)
+def test_pause_refuses_a_body_that_is_not_a_reason(pipeline: Pipeline, body: str) -> None:
+    response = pipeline.client.post(
+        "/admin/destinations/hubspot/pause",
+        data=body,
+        content_type="application/json",
+        headers=BEARER,
+    )
+    assert response.status_code == 400, response.json
+    with pipeline.sessions() as session:
+        assert session.scalars(select(DestinationState)).all() == []
+    paused = pipeline.client.post("/admin/destinations/hubspot/pause", headers=BEARER)
+    assert paused.status_code == 200 and paused.json["paused"] is True
