@@ -6,6 +6,8 @@ Run it with ``gunicorn "ingest:create_app()"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 
 from flask import Flask, Response, jsonify
 from sqlalchemy import Engine
@@ -17,6 +19,11 @@ from idsync.settings import Settings
 from ingest.metrics import IngestMetrics
 from ingest.publish import Waker
 from models.db import make_engine, make_session_factory
+
+
+@cache
+def _openapi_document() -> bytes:
+    return resources.files(__name__).joinpath("openapi.json").read_bytes()
 
 
 @dataclass
@@ -66,6 +73,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         # The webhook and the JSON API authenticate every request with a bearer token,
         # which a browser never sends by itself: only the page's forms need CSRF tokens.
         admin_page.install(app, settings, csrf_exempt=(webhook.blueprint, admin.blueprint))
+
+    @app.get("/openapi.json")
+    def openapi_document() -> Response:
+        """The OpenAPI 3.1 description of this HTTP surface (``ingest/openapi.json``)."""
+        return Response(_openapi_document(), mimetype="application/json")
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> tuple[Response, int]:
