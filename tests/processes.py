@@ -279,7 +279,8 @@ def stack_env(
         "SETTLE_SECONDS": "3",
         "SWEEP_SECONDS": "0.5",
         "PAUSE_PROBE_SECONDS": "0.5",
-        "RETRY_SCHEDULE": "0.2s,0.3s,0.5s,0.5s,1s,1s",
+        # Twelve attempts, as by default: the fault tests make several calls fail in a row.
+        "RETRY_SCHEDULE": "0.2s,0.3s,0.5s,0.5s,1s,1s,1s,1s,1s,1s,1s,1s",
         "RETRY_JITTER": "0",
     }
     env.update(overrides)

@@ -85,7 +85,7 @@ def test_workers_end_at_each_users_newest_state_under_faults(
     e2e.reset()
     # Delays up to 2.5 s against a 1.5 s call deadline: about half the late calls time out.
     e2e.hubspot.set_random_faults(
-        seed, answer_late=0.2, apply_late=0.2, error=0.05, max_delay=2.5, statuses=(500,)
+        seed, answer_late=0.15, apply_late=0.15, error=0.05, max_delay=2.5, statuses=(500,)
     )
     events = documents(history, uuid.uuid4().hex[:8])
     order = arrivals(
