@@ -63,7 +63,7 @@ INGEST_KEYS: list[Key] = [
 DELIVERY_KEYS: list[Key] = [
     ("workers/delivery.py:run_batch (one batch)", "workers/delivery.py", "run_batch"),
     ("  models/outbox.py:claim_due", "models/outbox.py", "claim_due"),
-    ("  HubSpotDestination.deliver", "workers/destinations/hubspot.py", "deliver"),
+    ("  HubSpotDestination.deliver", "workers/destinations/hubspot/adapter.py", "deliver"),
     ("    HTTP to the fake (requests)", "requests/sessions.py", "request"),
     ("  models/outbox.py:live_contacts_of_others", "models/outbox.py", "live_contacts_of_others"),
     ("  recording outcomes: _Recorder.record_user", "workers/delivery.py", "record_user"),
@@ -366,7 +366,7 @@ def profile_limiter(
 
     from bench.delivery import HUBSPOT_TOKEN
     from idsync.settings import Settings
-    from workers.destinations.hubspot import LIMITER_WAIT_SECONDS, HubSpotDestination
+    from workers.destinations.hubspot.adapter import LIMITER_WAIT_SECONDS, HubSpotDestination
     from workers.ratelimit import RateLimiter, RedisRateLimiter
 
     prefix = f"idsync-bench-{run_id}-limiter"

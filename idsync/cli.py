@@ -624,10 +624,10 @@ def list_destinations(as_json: bool) -> None:
             for name in settings.destinations
         ]
     for view in views:
-        # Workers treat HubSpot without a token as paused; say so here too.
-        if view["name"] == "hubspot" and not settings.hubspot_token and not view["paused"]:
-            view |= {"paused": True, "paused_by": "config"}
-            view["paused_reason"] = "HUBSPOT_TOKEN is not set"
+        # Workers treat a destination whose settings are incomplete as paused; so does this.
+        missing = settings.destination(view["name"]).missing()
+        if missing and not view["paused"]:
+            view |= {"paused": True, "paused_by": "config", "paused_reason": missing}
     if as_json:
         _print_json(views)
         return

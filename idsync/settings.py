@@ -7,13 +7,15 @@ pass it down, and tests build their own without touching ``os.environ``.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
-from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from idsync.destinations import NAME, DestinationConfig, load_config
 
 EMBEDDED_DATABASE_URL = "sqlite:///idsync.db"
 EMBEDDED_BROKER_URL = "sqla+sqlite:///idsync-broker.db"
@@ -72,6 +74,8 @@ class Settings(BaseSettings):
     # to another host on a trusted network.
     admin_cookie_secure: bool = True
 
+    # The HubSpot destination's variables, kept as fields for the names operators know;
+    # every destination reads its own <NAME>_* variables (see idsync/destinations.py).
     hubspot_token: str | None = None
     hubspot_base_url: str = "https://api.hubapi.com"
     hubspot_rate_limit: str = "100/10s"
@@ -95,6 +99,20 @@ class Settings(BaseSettings):
     retention_delete_days: int = 365
     publish_timeout_seconds: float = 0.5
     flower_url: str | None = None
+    # Every <NAME>_* variable of a configured destination, read from the environment.
+    destination_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_destination_env(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "destination_env" in data:
+            return data
+        names = _split(data.get("destinations") or "hubspot")
+        prefixes = tuple(f"{name.upper()}_" for name in names)
+        found = {key.upper(): value for key, value in os.environ.items()}
+        return data | {
+            "destination_env": {k: v for k, v in found.items() if k.startswith(prefixes)}
+        }
 
     @field_validator(
         "destinations", "ingest_token", "ingest_allowed_sources", "retry_schedule", mode="before"
@@ -105,10 +123,14 @@ class Settings(BaseSettings):
 
     @field_validator("destinations")
     @classmethod
-    def _known_destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - {"hubspot"})
-        if unknown:
-            raise ValueError(f"unknown destination(s) {unknown}; idsync knows: hubspot")
+    def _destination_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not NAME.match(name):
+                raise ValueError(
+                    f"destination name {name!r} must match [a-z][a-z0-9_]{{0,49}} (e.g. licenses)"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"DESTINATIONS names a destination twice: {list(value)}")
         return value
 
     @field_validator("retry_schedule")
@@ -120,40 +142,18 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_SCHEDULE needs at least one delay, e.g. 5s,1m,10m")
         return value
 
-    @field_validator("hubspot_rate_limit")
-    @classmethod
-    def _rate_limit(cls, value: str) -> str:
-        parse_rate_limit(value)
-        return value
-
-    @field_validator("hubspot_timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as error:
-            raise ValueError(f"unknown IANA time zone {value!r}, e.g. Europe/Berlin") from error
-        return value
-
-    @model_validator(mode="after")
-    def _hubspot_base_url_is_safe(self) -> Settings:
-        url = self.hubspot_base_url
-        loopback = re.match(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)", url)
-        if not url.startswith("https://") and not loopback:
-            raise ValueError("HUBSPOT_BASE_URL must use https:// (plain http only on loopback)")
-        return self
-
     @model_validator(mode="after")
     def _lease_outlasts_calls(self) -> Settings:
         # A batch starts no call after its deadline, and every call ends by its own:
         # two calls' worth plus a margin for recording keeps every write inside the lease.
-        minimum = 2 * self.call_seconds + LEASE_MARGIN_SECONDS
+        slowest = max(self.destination_configs, key=lambda config: config.call_seconds)
+        minimum = 2 * slowest.call_seconds + LEASE_MARGIN_SECONDS
         if self.lease_seconds < minimum:
             raise ValueError(
                 f"LEASE_SECONDS={self.lease_seconds:g} is too short for "
-                f"HUBSPOT_CONNECT_TIMEOUT_SECONDS={self.hubspot_connect_timeout_seconds:g} and "
-                f"HUBSPOT_TIMEOUT_SECONDS={self.hubspot_timeout_seconds:g}: it must be at least "
-                f"2 x (connect timeout + timeout) + {LEASE_MARGIN_SECONDS:g} = {minimum:g}"
+                f"{slowest.prefix}CONNECT_TIMEOUT_SECONDS={slowest.connect_timeout_seconds:g} and "
+                f"{slowest.prefix}TIMEOUT_SECONDS={slowest.timeout_seconds:g}: it must be at "
+                f"least 2 x (connect timeout + timeout) + {LEASE_MARGIN_SECONDS:g} = {minimum:g}"
             )
         if self.settle_seconds <= self.call_seconds:
             raise ValueError(
@@ -164,10 +164,34 @@ class Settings(BaseSettings):
 
     # Derived values, in the units the code uses.
 
+    def destination(self, name: str) -> DestinationConfig:
+        """The settings of destination ``name``, from its ``<NAME>_*`` variables."""
+        prefix = f"{name.upper()}_"
+        env = {
+            field.upper(): str(value)
+            for field, value in self
+            if field.startswith(f"{name}_") and value is not None
+        }
+        for alias in ("deprovision", "deprovision_property"):
+            env[alias.upper()] = str(getattr(self, alias))
+        env |= {k: v for k, v in self.destination_env.items() if k.startswith(prefix)}
+        return load_config(name, env)
+
+    @property
+    def secrets(self) -> list[str | None]:
+        """Every secret a log line must never show: tokens, keys, destinations' credentials."""
+        own = [*self.ingest_token, self.admin_token, self.secret_key]
+        return own + [secret for config in self.destination_configs for secret in config.secrets()]
+
+    @property
+    def destination_configs(self) -> list[DestinationConfig]:
+        """Every configured destination's settings, in ``DESTINATIONS`` order."""
+        return [self.destination(name) for name in self.destinations]
+
     @property
     def call_seconds(self) -> float:
-        """The wall-clock deadline of one HTTP call to a destination."""
-        return self.hubspot_connect_timeout_seconds + self.hubspot_timeout_seconds
+        """The longest wall-clock deadline of one HTTP call to any destination."""
+        return max(config.call_seconds for config in self.destination_configs)
 
     @property
     def batch_seconds(self) -> float:
@@ -191,11 +215,6 @@ class Settings(BaseSettings):
     def retry_delays(self) -> list[float]:
         """The retry schedule in seconds; its length is the attempt budget."""
         return [parse_duration(item) for item in self.retry_schedule]
-
-    @property
-    def rate_limit(self) -> tuple[int, float]:
-        """``HUBSPOT_RATE_LIMIT`` as (requests, window seconds)."""
-        return parse_rate_limit(self.hubspot_rate_limit)
 
     @property
     def lease(self) -> timedelta:

@@ -42,12 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
     configure_logging(
         "ingest",
-        secrets=[
-            *settings.ingest_token,
-            settings.hubspot_token,
-            settings.admin_token,
-            settings.secret_key,
-        ],
+        secrets=settings.secrets,
     )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.ingest_max_body_bytes

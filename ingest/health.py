@@ -36,8 +36,9 @@ def destination_report(settings: Any, states: dict[str, DestinationState]) -> di
     report = {}
     for name in settings.destinations:
         stored = states.get(name)
-        if name == "hubspot" and not settings.hubspot_token:
-            report[name] = "paused: HUBSPOT_TOKEN is not set"
+        missing = settings.destination(name).missing()
+        if missing:
+            report[name] = f"paused: {missing}"
         elif stored is not None and stored.paused:
             report[name] = f"paused: {stored.paused_reason or 'by an operator'}"
         else:

@@ -37,6 +37,7 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from idsync.destinations import headroom_key
 from idsync.settings import Settings
 from models.db import db_now
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, DestinationState
@@ -61,29 +62,16 @@ SCRAPE_STATEMENT_TIMEOUT_MS = 5000
 UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS)
 RATE_LIMIT_FIELDS = {
     # hash field written by workers -> (metric suffix, help, scale)
-    "max": ("max", "X-HubSpot-RateLimit-Max: requests allowed per interval.", 1.0),
+    "max": ("max", "Requests the destination allows per interval, as it reported.", 1.0),
     "remaining": (
         "remaining",
-        "X-HubSpot-RateLimit-Remaining: requests left in the interval (newest any worker saw).",
+        "Requests left in the destination's interval (the newest any worker saw).",
         1.0,
     ),
-    "interval_ms": (
-        "interval_seconds",
-        "X-HubSpot-RateLimit-Interval-Milliseconds, in seconds.",
-        0.001,
-    ),
-    "daily": ("daily_max", "X-HubSpot-RateLimit-Daily: requests allowed per day.", 1.0),
-    "daily_remaining": (
-        "daily_remaining",
-        "X-HubSpot-RateLimit-Daily-Remaining: requests left today.",
-        1.0,
-    ),
+    "interval_ms": ("interval_seconds", "The destination's rate-limit interval.", 0.001),
+    "daily": ("daily_max", "Requests the destination allows per day.", 1.0),
+    "daily_remaining": ("daily_remaining", "Requests left today at the destination.", 1.0),
 }
-
-
-def hubspot_ratelimit_key(settings: Settings) -> str:
-    """The Redis hash where workers leave the newest ``X-HubSpot-RateLimit-*`` values."""
-    return f"{settings.redis_key_prefix}:hubspot:ratelimit"
 
 
 class IngestMetrics:
@@ -203,8 +191,8 @@ class OutboxCollector(Collector):
         states = {row.name: row for row in session.scalars(select(DestinationState))}
         for name, dest in destinations.items():
             stored = states.get(name)
-            # The same rule as /readyz and the workers: no HubSpot token means paused.
-            unconfigured = name == "hubspot" and not self.settings.hubspot_token
+            # The same rule as /readyz and the workers: missing settings mean paused.
+            unconfigured = self.settings.destination(name).missing() is not None
             dest.paused = unconfigured or bool(stored and stored.paused)
         return destinations, self._read_attempts(session, now)
 
@@ -310,33 +298,38 @@ class OutboxCollector(Collector):
         return [duration, recent]
 
     def _rate_limit_metrics(self) -> Iterable[Metric]:
-        if self.redis is None or "hubspot" not in self.settings.destinations:
+        if self.redis is None:
             return []
+        names = list(self.settings.destinations)
         try:
             pipeline = self.redis.pipeline(transaction=False)
-            pipeline.hgetall(hubspot_ratelimit_key(self.settings))
+            for name in names:
+                pipeline.hgetall(headroom_key(self.settings, name))
             pipeline.time()
-            stored, (seconds, microseconds) = pipeline.execute()
+            *stored, (seconds, microseconds) = pipeline.execute()
         except Exception as error:  # no Redis: the headroom is unknown, not an error
-            log.warning(
-                "metrics: HubSpot rate-limit headroom not readable (%s)", type(error).__name__
-            )
+            log.warning("metrics: rate-limit headroom not readable (%s)", type(error).__name__)
             return []
-        values = {key.decode(): value.decode() for key, value in stored.items()}
-        families: list[Metric] = []
-        for name, (suffix, help_text, scale) in RATE_LIMIT_FIELDS.items():
-            if name in values:
-                family = GaugeMetricFamily(f"idsync_hubspot_ratelimit_{suffix}", help_text)
-                family.add_metric([], float(values[name]) * scale)
-                families.append(family)
-        if "updated_at" in values:
-            age = GaugeMetricFamily(
-                "idsync_hubspot_ratelimit_age_seconds",
-                "Seconds since a worker last saw HubSpot's rate-limit headers.",
+        families = {
+            field: GaugeMetricFamily(
+                f"idsync_ratelimit_{suffix}", help_text, labels=["destination"]
             )
-            age.add_metric([], max(0.0, seconds + microseconds / 1e6 - float(values["updated_at"])))
-            families.append(age)
-        return families
+            for field, (suffix, help_text, _scale) in RATE_LIMIT_FIELDS.items()
+        }
+        age = GaugeMetricFamily(
+            "idsync_ratelimit_age_seconds",
+            "Seconds since a worker last saw the destination's rate-limit headroom.",
+            labels=["destination"],
+        )
+        now = seconds + microseconds / 1e6
+        for name, hash_ in zip(names, stored, strict=True):
+            values = {key.decode(): value.decode() for key, value in hash_.items()}
+            for key, (_suffix, _help, scale) in RATE_LIMIT_FIELDS.items():
+                if key in values:
+                    families[key].add_metric([name], float(values[key]) * scale)
+            if "updated_at" in values:
+                age.add_metric([name], max(0.0, now - float(values["updated_at"])))
+        return [family for family in [*families.values(), age] if family.samples]
 
 
 def _seconds_between(earlier: datetime | None, now: datetime) -> float:

@@ -17,7 +17,7 @@ from ingest import create_app
 from models.tables import Delivery, DeliveryStatus, Link
 from workers.delivery import run_batch
 from workers.destinations.base import Destination
-from workers.destinations.hubspot import HubSpotDestination
+from workers.destinations.hubspot.adapter import HubSpotDestination
 from workers.ratelimit import LocalRateLimiter
 
 

@@ -11,7 +11,7 @@ import requests
 import responses
 
 from idsync.fake_hubspot import FakeHubSpot
-from workers.destinations.hubspot_api import (
+from workers.destinations.hubspot.client import (
     CallRecord,
     HubSpotAuthError,
     HubSpotBadRequest,

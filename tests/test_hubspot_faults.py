@@ -25,8 +25,8 @@ from tests.pipeline import Pipeline
 from tests.processes import wait_for
 from workers.delivery import run_batch
 from workers.destinations.base import Intent, LinkState, UserState, Verdict
-from workers.destinations.hubspot import HubSpotDestination
-from workers.destinations.hubspot_api import HubSpotClient, HubSpotTransportError
+from workers.destinations.hubspot.adapter import HubSpotDestination
+from workers.destinations.hubspot.client import HubSpotClient, HubSpotTransportError
 from workers.ratelimit import LocalRateLimiter
 
 SOURCE_A = "urn:auth0:a.example.com"

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from idsync.fake_hubspot import FakeHubSpot
 from idsync.stack import ROOT, Stack, free_port, ingest_command
-from ingest.metrics import hubspot_ratelimit_key
+from idsync.destinations import headroom_key
 from models.tables import DeliveryAttempt
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event, fixture
@@ -66,9 +66,9 @@ def pipe(pipeline: Pipeline) -> Iterator[Pipeline]:
         "hubspot", pipeline.settings, LocalRateLimiter(limit=1000, window=1)
     )
     client = redis.Redis.from_url(REDIS_URL)
-    client.delete(hubspot_ratelimit_key(pipeline.settings))
+    client.delete(headroom_key(pipeline.settings, "hubspot"))
     yield pipeline
-    client.delete(hubspot_ratelimit_key(pipeline.settings))
+    client.delete(headroom_key(pipeline.settings, "hubspot"))
     client.close()
 
 
@@ -152,11 +152,13 @@ def test_metrics_follow_events_and_deliveries(pipe: Pipeline) -> None:
     # and the drain takes far less than the 10-second window.
     calls = pipe.hubspot.stats()["total"]
     assert calls == len(pipe.hubspot.requests_log) >= 2
-    assert value(done, "idsync_hubspot_ratelimit_max") == 50
-    assert value(done, "idsync_hubspot_ratelimit_remaining") == 50 - calls
-    assert value(done, "idsync_hubspot_ratelimit_interval_seconds") == 10
-    assert value(done, "idsync_hubspot_ratelimit_daily_remaining") == 250_000 - calls
-    assert 0 < value(done, "idsync_hubspot_ratelimit_age_seconds") < time.monotonic() - drained
+    hubspot = {"destination": "hubspot"}
+    assert value(done, "idsync_ratelimit_max", **hubspot) == 50
+    assert value(done, "idsync_ratelimit_remaining", **hubspot) == 50 - calls
+    assert value(done, "idsync_ratelimit_interval_seconds", **hubspot) == 10
+    assert value(done, "idsync_ratelimit_daily_remaining", **hubspot) == 250_000 - calls
+    age = value(done, "idsync_ratelimit_age_seconds", **hubspot)
+    assert 0 < age < time.monotonic() - drained
 
 
 def test_paused_destination_and_overdue_work_show(pipe: Pipeline) -> None:

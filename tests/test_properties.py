@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from models.ordering import FUTURE_TOLERANCE, order_key
 from tests.strategies import arrivals, assert_newest_state, documents, histories
 from tests.test_pipeline import Pipeline
-from workers.destinations.hubspot import DEFAULT_PROPERTY_MAP, map_properties
+from workers.destinations.hubspot.adapter import DEFAULT_PROPERTY_MAP, map_properties
 
 TYPES = ["user.created", "user.updated", "user.deleted"]
 moments = st.datetimes(

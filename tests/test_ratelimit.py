@@ -110,7 +110,7 @@ def test_waiting_for_capacity_takes_no_slot(redis_prefix: str) -> None:
 def test_remaining_zero_blocks_only_when_someone_else_spends_the_budget(
     settings: Settings,
 ) -> None:
-    from workers.destinations.hubspot import HubSpotDestination
+    from workers.destinations.hubspot.adapter import HubSpotDestination
 
     limiter = LocalRateLimiter(limit=2, window=10)
     destination = HubSpotDestination(settings, limiter)

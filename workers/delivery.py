@@ -127,8 +127,8 @@ def _intent(plan: _UserPlan, now: datetime) -> Intent | Outcome:
 
 
 def is_paused(session: Session, settings: Settings, destination: str) -> bool:
-    """Paused by an operator, by a misconfiguration, or for want of a token."""
-    if destination == "hubspot" and not settings.hubspot_token:
+    """Paused by an operator, by a misconfiguration, or for want of a setting."""
+    if settings.destination(destination).missing():
         return True
     state = destination_state(session=session, name=destination)
     return bool(state and state.paused)
@@ -153,7 +153,7 @@ def run_batch(
         claim = claim_due(
             session=session,
             destination=destination.name,
-            max_users=settings.hubspot_batch_size,
+            max_users=settings.destination(destination.name).batch_size,
             lease=settings.lease,
             max_reclaims=settings.max_reclaims,
             task_id=task_id,

@@ -1,11 +1,12 @@
-"""What workers contribute to ``/metrics``: HubSpot's rate-limit headroom, left in Redis.
+"""What workers contribute to ``/metrics``: each destination's rate-limit headroom.
 
 Everything else ingest's ``/metrics`` reports about delivery (statuses, backlog,
 attempt latency, retries by error category) is read from the outbox at scrape
 time, because the outbox already records every attempt of every worker on
-every machine. Only the ``X-HubSpot-RateLimit-*`` headers are seen nowhere
-else: each worker writes the newest values it sees into one small Redis hash
-(``<REDIS_KEY_PREFIX>:hubspot:ratelimit``), stamped with Redis's clock, and the
+every machine. Only the headroom a destination reports in its answers (HubSpot's
+``X-HubSpot-RateLimit-*`` headers, say) is seen nowhere else: each worker writes
+the newest values it sees into one small Redis hash per destination
+(``<REDIS_KEY_PREFIX>:headroom:<name>``), stamped with Redis's clock, and the
 ingest's collector reads it.
 """
 
@@ -15,9 +16,9 @@ import logging
 import time
 from typing import Any
 
+from idsync.destinations import headroom_key
 from idsync.settings import Settings
-from ingest.metrics import hubspot_ratelimit_key
-from workers.destinations.hubspot_api import RateLimitInfo
+from workers.destinations.base import Headroom
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 # failure no new try for a while (the rate limiter already waits out a Redis outage).
 REDIS_TIMEOUT_SECONDS = 0.5
 RETRY_AFTER_FAILURE_SECONDS = 30.0
-# An abandoned hash disappears a day after the last HubSpot answer.
+# An abandoned hash disappears a day after the destination's last answer.
 KEY_TTL_SECONDS = 86_400
 
 # ARGV: the TTL in seconds, then field, value, field, value, ...
@@ -38,8 +39,8 @@ return 1
 """
 
 
-class RateLimitReporter:
-    """The HubSpot destination's ``on_rate_limit_info`` hook: keep the newest headroom in Redis."""
+class HeadroomReporter:
+    """A destination's headroom hook: keep the newest headroom it reported in Redis."""
 
     def __init__(self, client: Any, key: str) -> None:
         self.client = client
@@ -48,7 +49,7 @@ class RateLimitReporter:
         self._quiet_until = 0.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RateLimitReporter | None:
+    def from_settings(cls, settings: Settings, name: str) -> HeadroomReporter | None:
         """A reporter on ``REDIS_URL``; None on the embedded default, which has no Redis."""
         url = settings.effective_redis_url
         if url is None:
@@ -58,10 +59,10 @@ class RateLimitReporter:
         client = redis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
         )
-        return cls(client, hubspot_ratelimit_key(settings))
+        return cls(client, headroom_key(settings, name))
 
-    def __call__(self, info: RateLimitInfo) -> None:
-        """Store the values HubSpot sent; a Redis failure is logged once and skipped."""
+    def __call__(self, info: Headroom) -> None:
+        """Store the values the destination sent; a Redis failure is logged once and skipped."""
         if time.monotonic() < self._quiet_until:
             return
         values = {

@@ -1,6 +1,7 @@
-"""The HubSpot request budget, shared by every worker process on every machine.
+"""A destination's request budget, shared by every worker process on every machine.
 
-HubSpot counts requests in a rolling window per app. ``RedisRateLimiter`` keeps
+Each destination has its own limiter (its own Redis keys). HubSpot, for one,
+counts requests in a rolling window per app. ``RedisRateLimiter`` keeps
 the same rolling window in one Redis sorted set, updated atomically by a Lua
 script with Redis's own clock, so all workers together stay under the limit.
 It fails closed: when Redis cannot be reached, workers wait instead of sending.
@@ -16,22 +17,18 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
+
+from workers.destinations.base import Limiter, LimiterTimeout
+
+__all__ = ["LimiterTimeout", "LocalRateLimiter", "RateLimiter", "RedisRateLimiter"]
 
 # Leave a little room, so that our window and HubSpot's never disagree at the edge.
 WINDOW_MARGIN = 1.03
 
 
-class LimiterTimeout(Exception):
-    """No request slot could be had in time; try the work again later."""
-
-
-class RateLimiter(Protocol):
-    def acquire(self, timeout: float) -> None: ...
-
-    def block_for(self, seconds: float) -> None: ...
-
-    def wait_for_capacity(self, timeout: float) -> bool: ...
+# The interface every limiter offers, declared where destinations see it.
+RateLimiter = Limiter
 
 
 _ACQUIRE = """
@@ -102,7 +99,7 @@ class RedisRateLimiter:
     def acquire(self, timeout: float) -> None:
         """Take one request slot, waiting up to ``timeout`` seconds."""
         if not self._poll(timeout, peek=False):
-            raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+            raise LimiterTimeout(f"no request slot within {timeout:.0f}s")
 
     def wait_for_capacity(self, timeout: float) -> bool:
         """Wait until a slot is free, without taking it (before claiming work)."""
@@ -149,7 +146,7 @@ class LocalRateLimiter:
 
     def acquire(self, timeout: float) -> None:
         if not self._poll(timeout, peek=False):
-            raise LimiterTimeout(f"no HubSpot request slot within {timeout:.0f}s")
+            raise LimiterTimeout(f"no request slot within {timeout:.0f}s")
 
     def wait_for_capacity(self, timeout: float) -> bool:
         return self._poll(timeout, peek=True)

@@ -36,12 +36,7 @@ def _json_logs(loglevel: int | None = None, **_: Any) -> None:
     configure_logging(
         role,
         loglevel or logging.INFO,
-        secrets=[
-            *settings.ingest_token,
-            settings.hubspot_token,
-            settings.admin_token,
-            settings.secret_key,
-        ],
+        secrets=settings.secrets,
     )
 
 
@@ -75,15 +70,24 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
         # From now on a new event may publish the next wake-up.
         rt.redis.delete(wakeup_key(rt.settings, destination))
     structlog.contextvars.bind_contextvars(task_id=self.request.id, destination=destination)
+    config = rt.settings.destination(destination)
+    slots = rt.slots(destination)
+    task_id = self.request.id or "local"
+    if slots is not None and not slots.take(task_id):
+        # Enough tasks serve this destination already: a slow one cannot take every worker.
+        return 0
     adapter = rt.destination(destination)
+    limiter = rt.limiter(destination)
     deadline = time.monotonic() + TASK_TIME_BUDGET_SECONDS
     handled = 0
     try:
         while time.monotonic() < deadline:
             # Claim only when a request slot is free: a worker never sits on claimed
             # users while it waits for the rate limit, and waiting holds nothing.
-            if not rt.limiter.wait_for_capacity(timeout=max(1.0, deadline - time.monotonic())):
+            if not limiter.wait_for_capacity(timeout=max(1.0, deadline - time.monotonic())):
                 return handled
+            if slots is not None and not slots.take(task_id):
+                return handled  # the slot expired meanwhile and another task has it
             report = run_batch(
                 sessions=rt.sessions,
                 settings=rt.settings,
@@ -93,7 +97,7 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
             )
             if report.claimed == 0:
                 return handled
-            if report.users >= rt.settings.hubspot_batch_size:
+            if report.users >= config.batch_size:
                 # A full batch means a backlog: bring one more worker in (coalesced).
                 wake(destination)
             handled += report.claimed
@@ -103,6 +107,8 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
         wake(destination)  # more work remains: hand over to a fresh message
         return handled
     finally:
+        if slots is not None:
+            slots.release(task_id)
         structlog.contextvars.unbind_contextvars("destination")
 
 

@@ -119,6 +119,37 @@ class Outcome:
     calls: list[CallSummary] = field(default_factory=list)
 
 
+class LimiterTimeout(Exception):
+    """No request slot could be had in time; try the work again later."""
+
+
+class Limiter(Protocol):
+    """A destination's request budget, shared by every worker (``workers/ratelimit.py``)."""
+
+    def acquire(self, timeout: float) -> None:
+        """Take one request slot within ``timeout`` seconds, or raise ``LimiterTimeout``."""
+        ...
+
+    def block_for(self, seconds: float) -> None:
+        """Let nobody send for ``seconds`` (the destination said its window is spent)."""
+        ...
+
+    def wait_for_capacity(self, timeout: float) -> bool:
+        """Whether a slot is free within ``timeout`` seconds, without taking it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """The rate-limit headroom a destination reported on one answer (None: not sent)."""
+
+    max: int | None
+    remaining: int | None
+    interval_ms: int | None
+    daily: int | None
+    daily_remaining: int | None
+
+
 ContactClaim = Callable[[str, str], bool]
 """(intent key, record id) -> whether the intent's user now holds the record.
 

@@ -20,6 +20,7 @@ import requests
 import urllib3
 
 from idsync.logs import mask_email, scrub
+from workers.destinations.base import Headroom
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROPERTIES = "/crm/v3/properties/contacts"
@@ -34,14 +35,8 @@ _CATEGORY_STATUS = {"VALIDATION_ERROR": 400, "OBJECT_NOT_FOUND": 404, "CONFLICT"
 
 
 @dataclass(frozen=True)
-class RateLimitInfo:
+class RateLimitInfo(Headroom):
     """The rate-limit headroom HubSpot reported on one answer."""
-
-    max: int | None
-    remaining: int | None
-    interval_ms: int | None
-    daily: int | None
-    daily_remaining: int | None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> RateLimitInfo | None:

@@ -23,23 +23,27 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from idsync.logs import scrub
 from idsync.settings import Settings
 from workers.destinations.base import (
     CallSummary,
     ContactClaim,
+    Headroom,
     Intent,
+    Limiter,
+    LimiterTimeout,
     LinkState,
     Outcome,
     UserState,
     Verdict,
 )
-from workers.destinations.hubspot_api import (
+from workers.destinations.hubspot.client import (
     BatchResult,
     CallRecord,
     HubSpotAuthError,
@@ -52,8 +56,7 @@ from workers.destinations.hubspot_api import (
     HubSpotTransportError,
     RateLimitInfo,
 )
-from workers.ratelimit import LimiterTimeout, RateLimiter
-from workers.retry import rate_limit_wait
+from workers.destinations.hubspot.settings import Config
 
 DEFAULT_PROPERTY_MAP = {
     "email": "email",
@@ -66,6 +69,33 @@ log = logging.getLogger(__name__)
 # A worker holding claims waits at most this long for a request slot, and never
 # more than a quarter of its lease, so that no claim expires while it waits.
 LIMITER_WAIT_SECONDS = 20.0
+
+
+# A 429's policyName says which window to wait out (DAILY: the account's midnight).
+SHORT_WINDOWS = {"TEN_SECONDLY_ROLLING": 10.0, "SECONDLY": 1.0}
+
+
+def build(
+    config: Config,
+    settings: Settings,
+    limiter: Limiter,
+    on_headroom: Callable[[Headroom], None] | None = None,
+) -> HubSpotDestination:
+    """The adapter of one HubSpot destination (the registry's entry point)."""
+    return HubSpotDestination(settings, limiter, name=config.name, on_rate_limit_info=on_headroom)
+
+
+def rate_limit_wait(
+    policy: str | None, retry_after: float | None, *, now: datetime, timezone: str
+) -> float:
+    """Seconds a 429 asks us to wait: ``Retry-After``, else the window its policy names."""
+    if retry_after is not None:
+        return max(0.0, retry_after)
+    if policy == "DAILY":
+        local = now.astimezone(ZoneInfo(timezone))
+        midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        return (midnight - local).total_seconds() + 1
+    return SHORT_WINDOWS.get(policy or "", 10.0)
 
 
 def load_property_map(path: str | None) -> dict[str, str]:
@@ -149,29 +179,32 @@ class _Plan:
 class HubSpotDestination:
     """The HubSpot adapter: plans batch calls for intents and reads their answers."""
 
-    name = "hubspot"
-
     def __init__(
         self,
         settings: Settings,
-        limiter: RateLimiter,
+        limiter: Limiter,
         *,
+        name: str = "hubspot",
         client: HubSpotClient | None = None,
-        on_rate_limit_info: Callable[[RateLimitInfo], None] | None = None,
+        on_rate_limit_info: Callable[[Headroom], None] | None = None,
     ) -> None:
+        self.name = name
         self.settings = settings
+        config = settings.destination(name)
+        assert isinstance(config, Config), f"{name} is not a HubSpot destination"
+        self.config = config
         self.limiter = limiter
-        self.mapping = load_property_map(settings.hubspot_property_map)
-        self.batch_size = settings.hubspot_batch_size
+        self.mapping = load_property_map(config.property_map)
+        self.batch_size = config.batch_size
         self.limiter_wait = min(LIMITER_WAIT_SECONDS, settings.lease_seconds / 4)
         self._records: list[CallRecord] = []
         self._deadline = float("inf")
         self._uncertain: set[str] = set()  # intent keys of writes whose answer never came
         self._on_rate_limit_info = on_rate_limit_info
         self.client = client or HubSpotClient(
-            settings.hubspot_base_url,
-            settings.hubspot_token or "",
-            timeout=(settings.hubspot_connect_timeout_seconds, settings.hubspot_timeout_seconds),
+            config.base_url,
+            config.token or "",
+            timeout=(config.connect_timeout_seconds, config.timeout_seconds),
             on_call=self._record,
         )
 
@@ -203,23 +236,23 @@ class HubSpotDestination:
         Marking a user sets the mark alone: a delete often carries no profile at
         all, and an empty snapshot must not wipe the contact it marks.
         """
-        if self.settings.deprovision == "mark" and user.deprovisioned:
-            return {self.settings.deprovision_property: "true"}
+        if self.config.deprovision == "mark" and user.deprovisioned:
+            return {self.config.deprovision_property: "true"}
         properties = map_properties(user.profile, self.mapping)
-        if self.settings.deprovision == "mark":
-            properties[self.settings.deprovision_property] = ""
+        if self.config.deprovision == "mark":
+            properties[self.config.deprovision_property] = ""
         return properties
 
     def _contact_id(self, intent: Intent) -> str | None:
         """The contact the link points at: a marked contact still belongs to its user."""
-        if self.settings.deprovision == "mark":
+        if self.config.deprovision == "mark":
             return intent.link.external_id
         return intent.link.live_id
 
     def _plan(self, intent: Intent, plan: _Plan, outcomes: dict[str, Outcome]) -> None:
         user, link = intent.user, intent.link
         contact_id = self._contact_id(intent)
-        archiving = user.deprovisioned and self.settings.deprovision == "archive"
+        archiving = user.deprovisioned and self.config.deprovision == "archive"
         if link.uncertain and contact_id:
             # An earlier write may have landed late: read back, then write what differs.
             properties = {} if archiving else self.desired_properties(user)
@@ -341,7 +374,7 @@ class HubSpotDestination:
                 self._take(plan, plan.creates, _Write(intent, user.email, properties), outcomes)
             return
         contact_id = str(contact["id"])
-        if user.deprovisioned and self.settings.deprovision == "archive":
+        if user.deprovisioned and self.config.deprovision == "archive":
             self._take(plan, plan.archives, _Write(intent, contact_id, adopted=True), outcomes)
             return
         write = _Write(intent, contact_id, self.desired_properties(user), adopted=True)
@@ -611,7 +644,7 @@ class HubSpotDestination:
             error.policy_name,
             error.retry_after,
             now=datetime.now(UTC),
-            timezone=self.settings.hubspot_timezone,
+            timezone=self.config.timezone,
         )
 
     # Outcomes
@@ -658,8 +691,9 @@ class HubSpotDestination:
 
     def probe(self) -> str | None:
         """Whether HubSpot accepts the token and knows every mapped property; None when so."""
-        if not self.settings.hubspot_token:
-            return "HUBSPOT_TOKEN is not set"
+        problem = self.config.missing()
+        if problem:
+            return problem
         try:
             self.limiter.acquire(self.limiter_wait)
             self.client.get_contact_by_email("idsync-probe@example.invalid")
@@ -672,8 +706,8 @@ class HubSpotDestination:
     def _missing_properties(self) -> str | None:
         """Which mapped properties HubSpot does not have (reading them needs a scope)."""
         names = list(dict.fromkeys(self.mapping.values()))
-        if self.settings.deprovision == "mark":
-            names.append(self.settings.deprovision_property)
+        if self.config.deprovision == "mark":
+            names.append(self.config.deprovision_property)
         missing = []
         for name in names:
             self.limiter.acquire(self.limiter_wait)
