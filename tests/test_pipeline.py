@@ -13,9 +13,9 @@ from sqlalchemy import select
 from models.tables import Delivery, DeliveryAttempt
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
+from workers.delivery import run_batch
 from workers.destinations.hubspot.adapter import HubSpotDestination
 from workers.ratelimit import LocalRateLimiter
-from workers.delivery import run_batch
 
 __all__ = ["Pipeline"]
 
@@ -126,7 +126,9 @@ def test_blocked_then_unblocked_restores_a_live_contact(pipeline: Pipeline) -> N
 
 def test_mark_mode_sets_a_property_instead_of_archiving(pipeline: Pipeline) -> None:
     pipeline.settings = pipeline.settings.model_copy(update={"deprovision": "mark"})
-    pipeline.destination = HubSpotDestination(pipeline.settings, LocalRateLimiter(limit=1000, window=1))
+    pipeline.destination = HubSpotDestination(
+        pipeline.settings, LocalRateLimiter(limit=1000, window=1)
+    )
     pipeline.post(auth0_event("user.created", "auth0|1", email="a@example.com", at=0))
     pipeline.drain()
     pipeline.post(auth0_event("user.deleted", "auth0|1", at=5))
