@@ -24,6 +24,7 @@ class MemoryDestination:
     """Records every batch it was asked to deliver and answers from ``answer``."""
 
     name: str = "hubspot"
+    clears_with: str | None = None
     answer: Answer | None = None
     delay: float = 0.0  # seconds each batch takes, ignoring the deadline on purpose
     raises: Exception | None = None
@@ -55,6 +56,9 @@ class MemoryDestination:
 
     def probe(self) -> str | None:
         return None
+
+    def read(self, external_ids: list[str]) -> dict[str, dict[str, Any]]:
+        return {i: dict(self.records[i]) for i in external_ids if i in self.records}
 
     def close(self) -> None:
         pass

@@ -338,3 +338,14 @@ def test_two_workers_adopting_one_contact_at_once_cannot_both_win(pipeline: Pipe
     with pipeline.sessions() as session:
         holders = [link.subject for link in session.scalars(select(Link)) if link.external_id]
     assert len(holders) == 1
+
+
+def test_read_returns_linked_contacts_by_id_and_leaves_out_unknown_ones(pipeline: Pipeline) -> None:
+    pipeline.post(auth0_event("user.created", "auth0|r", email="r@example.com", given_name="R"))
+    pipeline.drain()
+    linked = pipeline.link("auth0|r").external_id
+    assert linked is not None
+    found = pipeline.destination.read([linked, "999999"])
+    assert set(found) == {linked}
+    assert (found[linked]["email"], found[linked]["firstname"]) == ("r@example.com", "R")
+    assert pipeline.destination.clears_with == ""

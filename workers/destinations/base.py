@@ -162,6 +162,9 @@ class Destination(Protocol):
     """A system idsync keeps in step with the identity provider."""
 
     name: str
+    # What a mapped field absent from the newest event is sent as: HubSpot clears a
+    # property with "", most JSON APIs with null.
+    clears_with: str | None
 
     def deliver(
         self, intents: list[Intent], *, claim: ContactClaim, deadline: float
@@ -175,6 +178,14 @@ class Destination(Protocol):
 
     def probe(self) -> str | None:
         """None when the destination accepts our credentials and mapping, else why not."""
+        ...
+
+    def read(self, external_ids: list[str]) -> dict[str, dict[str, Any]] | None:
+        """The linked records by id with their mapped fields (absent: no such record).
+
+        None when the destination cannot be read (a webhook): verification and
+        reconciliation then rely on what idsync sent.
+        """
         ...
 
     def close(self) -> None:

@@ -208,8 +208,21 @@ class HubSpotDestination:
             on_call=self._record,
         )
 
+    clears_with = ""  # HubSpot clears a property with the empty string
+
     def close(self) -> None:
         self.client.close()
+
+    def read(self, external_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Contacts by id with the mapped properties; merged ids answer with the survivor."""
+        names = sorted(set(self.mapping.values()) | {self.config.deprovision_property})
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(external_ids), BATCH_LIMIT):
+            self.limiter.acquire(self.limiter_wait)
+            chunk = external_ids[start : start + BATCH_LIMIT]
+            for contact_id, contact in self.client.batch_read(chunk, names).items():
+                found[contact_id] = dict(contact.get("properties") or {})
+        return found
 
     def _record(self, record: CallRecord, info: RateLimitInfo | None) -> None:
         self._records.append(record)
