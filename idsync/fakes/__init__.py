@@ -1,0 +1,1 @@
+"""Fakes of the external systems idsync talks to: real HTTP servers on loopback, for tests."""
