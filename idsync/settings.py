@@ -146,7 +146,10 @@ class Settings(BaseSettings):
     def _lease_outlasts_calls(self) -> Settings:
         # A batch starts no call after its deadline, and every call ends by its own:
         # two calls' worth plus a margin for recording keeps every write inside the lease.
-        slowest = max(self.destination_configs, key=lambda config: config.call_seconds)
+        configs = self.destination_configs
+        if not configs:
+            return self  # no destination: nothing is ever sent
+        slowest = max(configs, key=lambda config: config.call_seconds)
         minimum = 2 * slowest.call_seconds + LEASE_MARGIN_SECONDS
         if self.lease_seconds < minimum:
             raise ValueError(
@@ -191,7 +194,7 @@ class Settings(BaseSettings):
     @property
     def call_seconds(self) -> float:
         """The longest wall-clock deadline of one HTTP call to any destination."""
-        return max(config.call_seconds for config in self.destination_configs)
+        return max((config.call_seconds for config in self.destination_configs), default=0.0)
 
     @property
     def batch_seconds(self) -> float:

@@ -99,3 +99,8 @@ def test_a_destination_never_runs_more_deliver_tasks_than_its_cap(redis_prefix: 
     time.sleep(0.6)
     assert slots.take("d") and slots.take("e")
     client.close()
+
+
+def test_no_destination_at_all_is_a_valid_configuration() -> None:
+    settings = Settings(destinations="")
+    assert settings.destinations == () and settings.call_seconds == 0.0

@@ -254,3 +254,18 @@ def test_forget_during_a_batch_is_not_undone_by_the_batch(pipeline: Pipeline) ->
         (row,) = session.scalars(select(Delivery)).all()
     assert link.last_email is None
     assert (row.status, row.reason) == (DeliveryStatus.SKIPPED, "forgotten")
+
+
+def test_a_pause_the_destination_asked_for_is_lifted_only_by_an_operator(
+    pipeline: Pipeline,
+) -> None:
+    from models.outbox import destination_state
+
+    pipeline.post(auth0_event("user.created", "auth0|gone", email="gone@example.com"))
+    gone = MemoryDestination(
+        answer=lambda i: Outcome(Verdict.PAUSE, reason="endpoint_gone", resume_by_hand=True)
+    )
+    _batch(pipeline, gone)
+    with pipeline.sessions() as session:
+        state = destination_state(session=session, name="hubspot")
+        assert state is not None and state.paused and state.paused_by == "operator"

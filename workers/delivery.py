@@ -300,7 +300,8 @@ def _pause_if_asked(
         name=name,
         paused=True,
         reason=pause.message,
-        by="auto",
+        # An operator's pause is never lifted by the probe: the destination asked for one.
+        by="operator" if pause.resume_by_hand else "auto",
         probe_after=timedelta(seconds=settings.pause_probe_seconds),
     )
 

@@ -116,6 +116,9 @@ class Outcome:
     # A write was sent but its answer never came (timeout, lost connection): it may
     # still land, so the link stays uncertain for SETTLE_SECONDS.
     uncertain: bool = False
+    # For PAUSE: only an operator may resume (the destination said "stop", e.g. 410 Gone);
+    # otherwise a successful probe resumes it.
+    resume_by_hand: bool = False
     calls: list[CallSummary] = field(default_factory=list)
 
 

@@ -296,12 +296,13 @@ class WebhookDestination:
                 status,
             )
         if status == 410:
-            return _pause(
+            gone = _pause(
                 "endpoint_gone",
                 f"endpoint gone (HTTP 410): the receiver at {variable}_URL asked idsync to "
                 "stop sending; fix the receiver or the URL, then resume the destination by hand",
                 status,
             )
+            return replace(gone, resume_by_hand=True)
         if status == 429:
             return Outcome(
                 Verdict.RETRY,
