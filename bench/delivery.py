@@ -51,7 +51,7 @@ from idsync.stack import (
     migrate_command,
     worker_command,
 )
-from ingest.publish import Waker
+from idsync.wakeups import Waker
 from ingest.validation import to_new_event
 from models.db import make_engine
 from models.tables import FINISHED, Delivery, DeliveryStatus, Event

@@ -53,7 +53,7 @@ INGEST_KEYS: list[Key] = [
         "sqlalchemy/engine/base.py",
         "execute",
     ),
-    ("        ingest/publish.py:Waker.wake", "ingest/publish.py", "wake"),
+    ("        idsync/wakeups.py:Waker.wake", "idsync/wakeups.py", "wake"),
     ("          Redis SET NX", "redis/commands/core.py", "set"),
     ("          Celery send_task", "celery/app/base.py", "send_task"),
     ("      ingest/webhook.py:_answer (jsonify, metrics)", "ingest/webhook.py", "_answer"),

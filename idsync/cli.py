@@ -129,18 +129,14 @@ def _outbox() -> Iterator[tuple[Settings, sessionmaker[Session]]]:
 
 def _wake(settings: Settings, destinations: Iterable[str]) -> None:
     """Wake the workers for each destination (best effort: the sweep is the backstop)."""
-    from ingest.publish import Waker
+    from idsync.wakeups import Waker
 
     waker = Waker(settings)
     try:
         for destination in destinations:
             waker.wake(destination)
     finally:
-        # Waker builds its clients on first use; close only what it built.
-        if "celery" in waker.__dict__:
-            waker.celery.close()
-        if waker.__dict__.get("redis") is not None:
-            waker.redis.close()
+        waker.close()
 
 
 def _out() -> Console:

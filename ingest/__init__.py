@@ -16,8 +16,8 @@ from werkzeug.exceptions import HTTPException
 
 from idsync.logs import configure_logging
 from idsync.settings import Settings
+from idsync.wakeups import Waker
 from ingest.metrics import IngestMetrics
-from ingest.publish import Waker
 from models.db import make_engine, make_session_factory
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from idsync.settings import Settings
 from idsync.stack import Stack, free_port, worker_command
-from ingest.publish import DELIVER_TASK, Waker, wakeup_key
+from idsync.wakeups import DELIVER_TASK, Waker, wakeup_key
 from ingest.validation import to_new_event
 from models.db import make_engine, make_session_factory, transaction
 from models.outbox import record_event

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from idsync.celery_config import celery_config
 from idsync.settings import Settings
-from workers.config import celery_config
 
 app = Celery("idsync", include=["workers.tasks"])
 app.add_defaults(lambda: celery_config(Settings()))

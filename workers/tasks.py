@@ -12,16 +12,18 @@ from celery import signals
 
 from idsync.logs import configure_logging
 from idsync.settings import Settings
-from ingest.publish import DELIVER_TASK, wakeup_key
+from idsync.wakeups import DELIVER_TASK, wakeup_key
 from models.db import transaction
 from models.outbox import has_due_work, reopen_unsettled
 from workers import app
-from workers.config import TASK_TIME_BUDGET_SECONDS
 from workers.delivery import is_paused, run_batch
 from workers.maintenance import probe_paused, purge_finished
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
+
+# A task runs batches for at most this long, then hands over to a fresh message.
+TASK_TIME_BUDGET_SECONDS = 60
 
 
 @signals.setup_logging.connect

@@ -7,9 +7,6 @@ from typing import Any
 
 from idsync.settings import Settings
 
-# A task runs batches for at most this long, then hands over to a fresh message.
-TASK_TIME_BUDGET_SECONDS = 60
-
 
 def celery_config(settings: Settings, *, publisher: bool = False) -> dict[str, Any]:
     """Celery settings; ``publisher=True`` gives up quickly when the broker is down."""

@@ -34,7 +34,7 @@ class Waker:
     def celery(self) -> Any:
         from celery import Celery
 
-        from workers.config import celery_config
+        from idsync.celery_config import celery_config
 
         app = Celery("idsync-ingest", set_as_current=False)
         app.conf.update(celery_config(self.settings, publisher=True))
@@ -49,6 +49,13 @@ class Waker:
 
         timeout = self.settings.publish_timeout_seconds
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def close(self) -> None:
+        """Release the broker and Redis connections this waker opened (built on first use)."""
+        if "celery" in self.__dict__:
+            self.celery.close()
+        if "redis" in self.__dict__ and self.redis is not None:
+            self.redis.close()
 
     def wake(self, destination: str) -> bool:
         """Publish a wake-up unless one is pending; False when none was sent."""
