@@ -3,7 +3,7 @@
 The backlog is written straight into the outbox with the SQL ``record_event`` runs
 (events, then one ``hubspot`` delivery each, in one transaction), from real Auth0
 payloads. Then the real processes run: ``celery -A workers worker`` and beat from
-``idsync.stack``, against ``python -m idsync.fake_hubspot`` with the same limit as
+``idsync.stack``, against ``python -m idsync.fakes.hubspot`` with the same limit as
 idsync's ``HUBSPOT_RATE_LIMIT``. The clock starts when the first wake-up is
 published and stops at the last delivery's ``finished_at`` (the database's clock).
 

@@ -284,7 +284,7 @@ def profile_delivery(
         stack = Stack(env={"DATABASE_URL": url}, workdir=workdir)
         stack.run(migrate_command())
         port = free_port()
-        fake = [sys.executable, "-m", "idsync.fake_hubspot", "--port", str(port)]
+        fake = [sys.executable, "-m", "idsync.fakes.hubspot", "--port", str(port)]
         stack.start("fake", [*fake, "--token", HUBSPOT_TOKEN, "--rate-limit", "1000000"])
         try:
             stack.wait_for_http(f"http://127.0.0.1:{port}/_fake/stats", timeout=60)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.settings import Settings
 from idsync.stack import (
     Stack,

@@ -81,7 +81,7 @@ def fake_hubspot_command(port: int, token: str, rate_limit: int, window: float) 
     return [
         sys.executable,
         "-m",
-        "idsync.fake_hubspot",
+        "idsync.fakes.hubspot",
         "--port",
         str(port),
         "--token",

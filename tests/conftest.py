@@ -155,7 +155,7 @@ def sessions(database_url: str, db: None):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def e2e_hubspot():  # type: ignore[no-untyped-def]
     """One fake HubSpot for the session's process stack (reset before each test)."""
-    from idsync.fake_hubspot import FakeHubSpot
+    from idsync.fakes.hubspot import FakeHubSpot
 
     with FakeHubSpot(token="fake-token", rate_limit=10_000, window_seconds=10) as fake:
         yield fake

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.settings import Settings
 from ingest import create_app
 from models.tables import Delivery, DeliveryStatus, Link

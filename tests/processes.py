@@ -24,7 +24,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.stack import Stack, beat_command, free_port, ingest_command, worker_command
 from models.tables import FINISHED, Delivery, DeliveryStatus
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from models.db import make_engine, make_session_factory
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.fakes.webhook_receiver import DEFAULT_SECRET, FakeWebhookReceiver
 from models.db import make_engine, make_session_factory
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus

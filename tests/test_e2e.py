@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from idsync.fake_hubspot import RequestRecord
+from idsync.fakes.hubspot import RequestRecord
 from models.tables import Delivery, DeliveryStatus, Event, Link
 from tests.events import auth0_event, fixture, stamp
 from tests.processes import ServiceStack, wait_for

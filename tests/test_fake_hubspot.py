@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 
 TOKEN = "test-token"
 CONTACTS = "/crm/v3/objects/contacts"
@@ -400,7 +400,7 @@ def test_control_api(api: Api, fake: FakeHubSpot) -> None:
 
 
 def test_runs_as_its_own_process() -> None:
-    command = [sys.executable, "-m", "idsync.fake_hubspot", "--port", "0", "--token", "T"]
+    command = [sys.executable, "-m", "idsync.fakes.hubspot", "--port", "0", "--token", "T"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
         url = process.stdout.readline().strip()

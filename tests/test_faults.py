@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from models.db import make_engine, make_session_factory
 from models.tables import Delivery, DeliveryStatus
 from tests.events import auth0_event

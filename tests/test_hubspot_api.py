@@ -10,7 +10,7 @@ import pytest
 import requests
 import responses
 
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from workers.destinations.hubspot.client import (
     CallRecord,
     HubSpotAuthError,

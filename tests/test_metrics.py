@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from idsync.destinations import headroom_key
-from idsync.fake_hubspot import FakeHubSpot
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.stack import ROOT, Stack, free_port, ingest_command
 from models.tables import DeliveryAttempt
 from tests.conftest import REDIS_URL

@@ -9,7 +9,7 @@ need). Test switches inject faults: whole-call errors, 429s, answers held after
 the write ("answer late"), writes held before they land ("apply late"), and a
 seeded random mix of those. The same switches are reachable over HTTP under
 ``/_fake/`` (no auth, not rate limited) so that another process can drive a fake
-started with ``python -m idsync.fake_hubspot``. ``reset()`` starts a new
+started with ``python -m idsync.fakes.hubspot``. ``reset()`` starts a new
 generation: a request still in flight from before it neither writes into the
 fresh account nor shows in its log and counts; it is answered 503.
 """
@@ -1136,7 +1136,7 @@ def _http_error(error: HTTPException) -> tuple[Response, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a fake HubSpot until SIGTERM or SIGINT; prints its URL on the first line."""
-    parser = argparse.ArgumentParser(prog="python -m idsync.fake_hubspot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m idsync.fakes.hubspot", description=__doc__)
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--token", default="fake-token")
     parser.add_argument("--rate-limit", type=int, default=100, help="requests per window")
