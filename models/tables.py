@@ -111,6 +111,8 @@ class Delivery(Base):
     force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     reclaims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # How often an operator resynced it: part of the message id a receiver dedupes on.
+    resyncs: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now_column()
     lease_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

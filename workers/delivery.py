@@ -123,6 +123,10 @@ def _intent(plan: _UserPlan, now: datetime) -> Intent | Outcome:
             else 0.0,
         ),
         force=plan.newest.force,
+        event_id=event.event_id,
+        source=event.source,
+        event_time=event.event_time,
+        message_id=f"msg_{plan.newest.id}_{plan.newest.resyncs}",
     )
 
 

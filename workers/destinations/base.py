@@ -9,6 +9,7 @@ sessions or writes rows: the worker owns state.
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -75,6 +76,13 @@ class Intent:
     user: UserState
     link: LinkState
     force: bool = False  # an operator's resync: send even when nothing changed
+    # The Auth0 event behind it, for destinations that pass them on.
+    event_id: str | None = None
+    source: str | None = None
+    event_time: datetime | None = None
+    # Stable across retries and replays, new for each operator's resync: what a
+    # receiver dedupes on (``msg_<delivery id>_<resync count>``).
+    message_id: str | None = None
 
 
 class Verdict(enum.StrEnum):
