@@ -22,30 +22,29 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.settings import Settings, parse_duration
-from models.db import db_now, make_engine, make_session_factory, transaction
-from models.operations import (
+from models.commands import (
     DEFAULT_CHUNK_SIZE,
+    NothingToResync,
+    ReplayResult,
+    destination_states,
+    pause_destination,
+    replay,
+    resume_destination,
+)
+from models.commands import forget as forget_subject
+from models.commands import resync as resync_user
+from models.db import db_now, make_engine, make_session_factory, transaction
+from models.queries import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     DeliveryFilter,
-    NothingToResync,
-    ReplayResult,
     counts_by_status,
     delivery_detail,
-    delivery_view,
-    destination_states,
-    destination_view,
-    detail_view,
     list_deliveries,
-    pause_destination,
-    replay,
-    replay_view,
-    resume_destination,
 )
-from models.operations import forget as forget_subject
-from models.operations import resync as resync_user
 from models.retention import purge_before
 from models.tables import FINISHED, DeliveryStatus
+from models.views import delivery_view, destination_view, detail_view, replay_view
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

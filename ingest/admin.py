@@ -18,24 +18,23 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.auth import presented_secret, secret_matches
-from models.db import transaction
-from models.operations import (
-    DeliveryDetail,
-    DeliveryFilter,
+from models.commands import (
     ReplayResult,
-    counts_by_status,
-    delivery_detail,
-    delivery_view,
     destination_states,
-    destination_view,
-    detail_view,
-    list_deliveries,
     pause_destination,
     replay,
-    replay_view,
     resume_destination,
 )
+from models.db import transaction
+from models.queries import (
+    DeliveryDetail,
+    DeliveryFilter,
+    counts_by_status,
+    delivery_detail,
+    list_deliveries,
+)
 from models.tables import FINISHED
+from models.views import delivery_view, destination_view, detail_view, replay_view
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin", __name__)

@@ -6,7 +6,7 @@ at ``/admin/login`` with the admin token; the session is a cookie signed with
 ``SECRET_KEY`` (the same in every ingest process), so without that key the page
 answers 503 and only the bearer-token API works. Every form that changes
 something carries a CSRF token (Flask-WTF). Pages show the masked views of
-``models.operations`` only: emails are masked and credentials never appear.
+``models.views`` only: emails are masked and credentials never appear.
 
 Routes live at ``/admin/`` and under ``/admin/ui/``, apart from the JSON API's.
 """
@@ -44,16 +44,11 @@ from wtforms.validators import DataRequired
 from idsync.settings import Settings
 from ingest.admin import delivery_filter, find_delivery, shown_detail
 from ingest.auth import secret_matches
+from models.commands import destination_states, replay
 from models.db import transaction
-from models.operations import (
-    counts_by_status,
-    delivery_view,
-    destination_states,
-    destination_view,
-    list_deliveries,
-    replay,
-)
+from models.queries import counts_by_status, list_deliveries
 from models.tables import FINISHED, DeliveryStatus
+from models.views import delivery_view, destination_view
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin_page", __name__, template_folder="templates")

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from idsync.settings import Settings
+from models.commands import forget, resync
 from models.db import transaction
-from models.operations import forget, resync
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, Event, Link
 from tests.events import auth0_event
 from tests.memory_destination import MemoryDestination

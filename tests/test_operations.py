@@ -17,20 +17,17 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.settings import Settings
-from models.db import transaction
-from models.operations import (
-    DeliveryFilter,
+from models.commands import (
     NothingToResync,
-    counts_by_status,
-    delivery_detail,
     forget,
-    list_deliveries,
     pause_destination,
     replay,
     resume_destination,
     resync,
 )
+from models.db import transaction
 from models.outbox import claim_due, destination_state, set_paused
+from models.queries import DeliveryFilter, counts_by_status, delivery_detail, list_deliveries
 from models.tables import (
     Delivery,
     DeliveryAttempt,

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import select
 
-from models.operations import DeliveryFilter, replay
+from models.commands import replay
+from models.queries import DeliveryFilter
 from models.tables import Delivery, Event
 from tests.events import auth0_event
 from tests.processes import ServiceStack

@@ -1,0 +1,149 @@
+"""Masked views of outbox rows, as the admin API and the ``idsync`` command line show them.
+
+Every email is masked and every credential-like field redacted, so a view can be
+shown to an operator or printed to a terminal as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from typing import Any
+
+from idsync.logs import scrub
+from models.commands import ReplayResult
+from models.queries import DeliveryDetail
+from models.tables import Delivery, DeliveryAttempt, DestinationState, Event
+
+_SECRET_KEY = re.compile(r"(?i)token|secret|password|authorization|api_?key")
+# Invalid addresses (no top-level domain, e.g. "ann@localhost") are personal data too.
+_ANY_EMAIL = re.compile(
+    r"([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*@(?!\*)([A-Za-z0-9\-][A-Za-z0-9.\-]*)"
+)
+REDACTED = "***"
+
+
+def masked(value: Any) -> Any:
+    """``value`` with every email masked and every credential-like field redacted."""
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if _SECRET_KEY.search(str(key)) and item else masked(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    if isinstance(value, str):
+        return _ANY_EMAIL.sub(r"\1***@\2", scrub(value))
+    return value
+
+
+def _time(moment: datetime | date | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def delivery_view(delivery: Delivery) -> dict[str, Any]:
+    """A delivery as operators see it (masked), with a summary of its event."""
+    event = delivery.event
+    view = {
+        "id": delivery.id,
+        "destination": delivery.destination,
+        "status": delivery.status.value,
+        "reason": delivery.reason,
+        "source": delivery.source,
+        "subject": delivery.subject,
+        "event": {
+            "id": event.id,
+            "event_id": event.event_id,
+            "type": event.type,
+            "time": _time(event.event_time),
+        },
+        "priority": delivery.priority,
+        "force": delivery.force,
+        "attempts": delivery.attempts,
+        "reclaims": delivery.reclaims,
+        "next_attempt_at": _time(delivery.next_attempt_at),
+        "last_error": delivery.last_error,
+        "last_status_code": delivery.last_status_code,
+        "external_id": delivery.external_id,
+        "task_id": delivery.task_id,
+        "created_at": _time(delivery.created_at),
+        "updated_at": _time(delivery.updated_at),
+        "finished_at": _time(delivery.finished_at),
+    }
+    return masked(view)  # type: ignore[no-any-return]
+
+
+def event_view(event: Event) -> dict[str, Any]:
+    """A stored event (masked payload; None once retention or forget cleared it)."""
+    view = {
+        "id": event.id,
+        "source": event.source,
+        "event_id": event.event_id,
+        "type": event.type,
+        "subject": event.subject,
+        "time": _time(event.event_time),
+        "received_at": _time(event.received_at),
+        "status": event.status.value,
+        "ignore_reason": event.ignore_reason,
+        "payload": event.payload,
+    }
+    return masked(view)  # type: ignore[no-any-return]
+
+
+def attempt_view(attempt: DeliveryAttempt) -> dict[str, Any]:
+    """One call made for a delivery and what came back (masked)."""
+    view = {
+        "id": attempt.id,
+        "started_at": _time(attempt.started_at),
+        "duration_ms": attempt.duration_ms,
+        "request": attempt.request_summary,
+        "status_code": attempt.status_code,
+        "error_category": attempt.error_category,
+        "outcome": attempt.outcome,
+        "response": attempt.response_excerpt,
+    }
+    return masked(view)  # type: ignore[no-any-return]
+
+
+def detail_view(detail: DeliveryDetail) -> dict[str, Any]:
+    """A delivery, its event and every attempt, masked."""
+    return {
+        "delivery": delivery_view(detail.delivery),
+        "event": event_view(detail.event),
+        "attempts": [attempt_view(attempt) for attempt in detail.attempts],
+    }
+
+
+def destination_view(
+    name: str, state: DestinationState | None, counts: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """A destination's pause state (who paused it, why, since when) and its counts."""
+    view: dict[str, Any] = {
+        "name": name,
+        "paused": False,
+        "paused_by": None,
+        "paused_reason": None,
+        "paused_at": None,
+    }
+    if state is not None and state.paused:
+        view |= {
+            "paused": True,
+            "paused_by": state.paused_by,
+            "paused_reason": scrub(state.paused_reason) if state.paused_reason else None,
+            "paused_at": _time(state.paused_at),
+        }
+    if counts is not None:
+        view["deliveries"] = dict(counts)
+    return view
+
+
+def replay_view(result: ReplayResult, *, dry_run: bool) -> dict[str, Any]:
+    """A replay's result for the admin API and ``idsync replay --json``."""
+    return {
+        "dry_run": dry_run,
+        "matched": result.matched,
+        "replayed": result.replayed,
+        "destinations": list(result.destinations),
+        "purged": result.purged,
+    }
