@@ -28,15 +28,19 @@ LEASE_MARGIN_SECONDS = 5.0
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``text`` such as ``"90"``, ``"15s"``, ``"5m"``, ``"2h"`` or ``"30d"``."""
+def parse_duration(text: str, *, unit_required: bool = False) -> float:
+    """Seconds in ``text`` such as ``"90"``, ``"15s"``, ``"5m"``, ``"2h"``, ``"30d"`` or ``"2w"``.
+
+    A bare number is seconds, unless ``unit_required``: where a duration stands
+    beside dates (``--since 24h`` or ``--since 20250301``), a number alone is not one.
+    """
     match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (write e.g. 30s, 5m, 2h or 1d)")
+    if not match or (unit_required and match.group(2) is None):
+        raise ValueError(f"not a duration: {text!r} (write e.g. 30s, 5m, 2h, 1d or 2w)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 

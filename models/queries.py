@@ -8,7 +8,6 @@ owns the transaction.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, ColumnElement, and_, func, select
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
+from idsync.settings import parse_duration
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, Event
 
 DEFAULT_LIMIT = 50
@@ -26,19 +26,18 @@ MAX_LIMIT = 500
 # Filters
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
     """An ISO 8601 date or time (UTC unless it says otherwise), or a duration ago.
 
     ``2025-03-01``, ``2025-03-01T12:00:00Z`` and ``24h`` (24 hours before now) are
-    all accepted, so that operators can write ``--since 2h``.
+    all accepted, so that operators can write ``--since 2h``; durations are read
+    as ``idsync.settings.parse_duration`` reads them, with their unit required.
     """
-    relative = _DURATION.match(text)
-    if relative:
-        seconds = float(relative.group(1)) * _UNIT[relative.group(2)]
+    try:
+        seconds = parse_duration(text, unit_required=True)
+    except ValueError:
+        pass  # not a duration: a date or a time, or neither
+    else:
         return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))

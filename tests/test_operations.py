@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from idsync.settings import Settings
+from idsync.settings import Settings, parse_duration
 from models.commands import (
     NothingToResync,
     forget,
@@ -27,7 +27,13 @@ from models.commands import (
 )
 from models.db import transaction
 from models.outbox import claim_due, destination_state, set_paused
-from models.queries import DeliveryFilter, counts_by_status, delivery_detail, list_deliveries
+from models.queries import (
+    DeliveryFilter,
+    counts_by_status,
+    delivery_detail,
+    list_deliveries,
+    parse_moment,
+)
 from models.tables import (
     Delivery,
     DeliveryAttempt,
@@ -125,6 +131,30 @@ def test_filter_reads_text_parameters() -> None:
     assert item.status is DeliveryStatus.FAILED
     assert item.since == now - timedelta(hours=24) and item.until == now
     assert (item.limit, item.cursor, item.subject) == (10, 7, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("1.5h", 5400),
+        ("30d", 30 * 86400),
+        ("2w", 14 * 86400),
+        (" 5 m ", 300),
+    ],
+)
+def test_since_reads_a_duration_as_the_settings_do(text: str, seconds: float) -> None:
+    """One grammar for durations: ``--since 2w`` reads ``2w`` as the settings read it."""
+    now = datetime(2025, 3, 2, tzinfo=UTC)
+    assert parse_duration(text) == seconds
+    assert parse_moment(text, now=now) == now - timedelta(seconds=seconds)
+
+
+def test_since_reads_a_number_without_a_unit_as_a_date_not_a_duration() -> None:
+    assert parse_moment("20250301") == datetime(2025, 3, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="not a time"):
+        parse_moment("90")
 
 
 def test_list_filters_and_pages_newest_first(sessions: sessionmaker[Session]) -> None:
