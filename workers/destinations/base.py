@@ -9,9 +9,9 @@ sessions or writes rows: the worker owns state.
 from __future__ import annotations
 
 import enum
-from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 
