@@ -229,9 +229,10 @@ def resync(*, session: Session, subject: str, destination: str | None = None) ->
     if destination is not None:
         statement = statement.where(Delivery.destination == destination)
     queued = session.execute(
-        statement.values(**_fresh_budget(db_now(session), force=True)).execution_options(
-            synchronize_session=False
-        )
+        statement.values(
+            # A new message id for receivers that dedupe: this is a deliberate re-send.
+            **_fresh_budget(db_now(session), force=True, resyncs=Delivery.resyncs + 1)
+        ).execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     if not queued:
         where = f" to {destination}" if destination else ""

@@ -269,3 +269,20 @@ def test_a_pause_the_destination_asked_for_is_lifted_only_by_an_operator(
     with pipeline.sessions() as session:
         state = destination_state(session=session, name="hubspot")
         assert state is not None and state.paused and state.paused_by == "operator"
+
+
+def test_the_message_id_is_stable_across_retries_and_new_for_each_resync(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.post(auth0_event("user.created", "auth0|mid", email="mid@example.com"))
+    flaky = MemoryDestination(answer=lambda i: Outcome(Verdict.RETRY, reason="flaky"))
+    _batch(pipeline, flaky)
+    _batch(pipeline, flaky)
+    pipeline.drain_with(MemoryDestination())
+    with transaction(pipeline.sessions) as session:
+        resync(session=session, subject="auth0|mid")
+    again = MemoryDestination()
+    pipeline.drain_with(again)
+    (row,) = _rows(pipeline).values()
+    sent = [i.message_id for batch in flaky.batches + again.batches for i in batch]
+    assert sent == [f"msg_{row.id}_0", f"msg_{row.id}_0", f"msg_{row.id}_1"]
