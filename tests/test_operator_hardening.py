@@ -30,6 +30,7 @@ from idsync.logs import mask_email, scrub
 from idsync.settings import Settings
 from models.db import transaction
 from models.tables import Delivery, DeliveryAttempt, DestinationState, Event
+from models.views import masked
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
@@ -155,6 +156,29 @@ def test_any_address_keeps_only_the_first_character_of_its_local_part(
     assert scrub(masked) == masked, "masking twice changes nothing"
 
 
+# Hosts without a top-level domain, which scrub() leaves alone (a Celery node, worker1@host).
+hosts = st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=12)
+
+
+@given(
+    local=local_parts,
+    host=hosts,
+    before=st.sampled_from(_BEFORE),
+    after=st.sampled_from(_AFTER),
+)
+@example(local="ann", host="localhost", before="", after="")
+@example(local="γιάννης", host="localhost", before="", after="")
+@example(local="नमस्ते", host="localhost", before="sent to '", after="'.")
+@example(local="o'brien", host="host", before="", after="")
+def test_views_mask_an_address_without_a_top_level_domain_in_any_script(
+    local: str, host: str, before: str, after: str
+) -> None:
+    shown = f"{local[0]}***@{host}"
+    assert masked({"email": f"{local}@{host}"}) == {"email": shown}
+    assert masked(f"{before}{local}@{host}{after}") == f"{before}{shown}{after}"
+    assert masked(shown) == shown, "masking twice changes nothing"
+
+
 def test_masking_long_text_takes_one_pass() -> None:
     started = time.monotonic()
     for text in ("a" * 100_000, "a@" * 50_000, "a." * 50_000 + "@b", "x@" + "b." * 50_000):
@@ -214,6 +238,17 @@ def test_the_admin_page_shows_a_deeply_nested_payload_truncated(pipeline: Pipeli
     assert page.status_code == 200, page.data[:300]
     body = page.get_data(as_text=True)
     assert "truncated" in body and "d***@example.com" in body
+
+
+def test_deliveries_show_prints_a_deeply_nested_payload_truncated(
+    env: dict[str, str], pipeline: Pipeline
+) -> None:
+    delivery_id = stored_with_deep_payload(pipeline)
+    for extra in ([], ["--json"]):
+        result = idsync("deliveries", "show", str(delivery_id), *extra)
+        assert result.exit_code == 0, (extra, result.output[-300:], result.exception)
+        assert "truncated" in result.output and "bottom" not in result.output
+        assert "d***@example.com" in result.output and "deep@" not in result.output
 
 
 # The sign-in's next= parameter
