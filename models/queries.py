@@ -38,7 +38,10 @@ def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
     except ValueError:
         pass  # not a duration: a date or a time, or neither
     else:
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        try:
+            return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

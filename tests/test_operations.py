@@ -503,3 +503,10 @@ def test_two_workers_pausing_at_once_both_succeed(sessions: Any) -> None:
     with sessions() as session:
         state = session.get(DestinationState, "hubspot")
         assert state is not None and state.paused and state.paused_reason == "401"
+
+
+def test_a_duration_reaching_before_the_year_1_is_a_clear_error() -> None:
+    from models.queries import parse_moment
+
+    with pytest.raises(ValueError, match="before the year 1"):
+        parse_moment("99999999999999999999w")
