@@ -615,14 +615,14 @@ def list_destinations(as_json: bool) -> None:
         states = destination_states(session=session)
         counts = counts_by_status(session=session)
         views = [
-            destination_view(name, states.get(name), counts.get(name, {}))
+            destination_view(
+                name,
+                states.get(name),
+                counts.get(name, {}),
+                missing=settings.destination(name).missing(),
+            )
             for name in settings.destinations
         ]
-    for view in views:
-        # Workers treat a destination whose settings are incomplete as paused; so does this.
-        missing = settings.destination(view["name"]).missing()
-        if missing and not view["paused"]:
-            view |= {"paused": True, "paused_by": "config", "paused_reason": missing}
     if as_json:
         _print_json(views)
         return

@@ -208,6 +208,12 @@ def _destinations(counts: Mapping[str, Any]) -> list[str]:
     return sorted({*_settings().destinations, *counts})
 
 
+def _missing(name: str) -> str | None:
+    """What a configured destination's settings lack (one that is no longer configured: None)."""
+    settings = _settings()
+    return settings.destination(name).missing() if name in settings.destinations else None
+
+
 @blueprint.get("/admin/")
 def index() -> ResponseReturnValue:
     """Counts by status per destination, and the deliveries that match the filters."""
@@ -227,7 +233,7 @@ def index() -> ResponseReturnValue:
             rows, next_cursor = list_deliveries(session=db, filter=item)
             deliveries = [delivery_view(row) for row in rows]
     destinations = [
-        destination_view(name, states.get(name), counts.get(name, {}))
+        destination_view(name, states.get(name), counts.get(name, {}), missing=_missing(name))
         for name in _destinations(counts)
     ]
     return _render(

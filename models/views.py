@@ -138,9 +138,17 @@ def detail_view(detail: DeliveryDetail) -> dict[str, Any]:
 
 
 def destination_view(
-    name: str, state: DestinationState | None, counts: Mapping[str, int] | None = None
+    name: str,
+    state: DestinationState | None,
+    counts: Mapping[str, int] | None = None,
+    *,
+    missing: str | None = None,
 ) -> dict[str, Any]:
-    """A destination's pause state (who paused it, why, since when) and its counts."""
+    """A destination's pause state (who paused it, why, since when) and its counts.
+
+    ``missing`` is what its settings still lack (a token, a URL): it is paused by
+    configuration then, whatever the stored state says.
+    """
     view: dict[str, Any] = {
         "name": name,
         "paused": False,
@@ -148,7 +156,9 @@ def destination_view(
         "paused_reason": None,
         "paused_at": None,
     }
-    if state is not None and state.paused:
+    if missing:
+        view |= {"paused": True, "paused_by": "config", "paused_reason": missing}
+    elif state is not None and state.paused:
         view |= {
             "paused": True,
             "paused_by": state.paused_by,

@@ -284,3 +284,16 @@ def test_unreachable_database_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
     result = idsync("deliveries")
     assert result.exit_code == 1 and "cannot reach the outbox database" in result.stderr
+
+
+def test_destinations_list_shows_every_destination_and_what_it_lacks(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DESTINATIONS", "hubspot,licenses")
+    monkeypatch.setenv("LICENSES_KIND", "webhook")
+    views = {v["name"]: v for v in as_json(idsync("destinations", "list", "--json"))}
+    assert views["hubspot"]["paused"] is False
+    assert (views["licenses"]["paused_by"], views["licenses"]["paused_reason"]) == (
+        "config",
+        "LICENSES_URL is not set",
+    )
