@@ -11,16 +11,19 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
-import urllib3
 
 from idsync.logs import mask_email, scrub
 from workers.destinations.base import Headroom
+from workers.destinations.http import (
+    maybe_sent,
+    parse_retry_after,
+    read_before,
+    transport_category,
+)
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROPERTIES = "/crm/v3/properties/contacts"
@@ -103,10 +106,6 @@ class HubSpotTransportError(HubSpotError):
     def __init__(self, message: str, *, maybe_applied: bool = False, **fields: Any) -> None:
         super().__init__(message, **fields)
         self.maybe_applied = maybe_applied
-
-
-class CallDeadlineExceeded(requests.Timeout):
-    """The whole call, answer included, took longer than its deadline."""
 
 
 class HubSpotServerError(HubSpotError):
@@ -373,7 +372,9 @@ class HubSpotClient:
                 allow_redirects=False,
                 stream=True,
             )
-            _read_before(response, deadline)
+            # What iter_content would have left behind, so .json() and .text read it.
+            response._content = read_before(response, deadline)
+            response._content_consumed = True  # type: ignore[attr-defined]
         except requests.RequestException as exc:
             error = _transport_error(method, shown, exc)
             record = CallRecord(method, shown, None, _ms_since(started), error.category, None, None)
@@ -437,7 +438,7 @@ def _error_from_answer(
     message = redact(message)
     if status == 429 or (category in _RATE_LIMIT_CATEGORIES and (status or 0) >= 500):
         policy = body.get("policyName")
-        retry_after = _retry_after(headers.get("Retry-After"))
+        retry_after = parse_retry_after(headers.get("Retry-After"))
         return HubSpotRateLimited(message, policy_name=policy, retry_after=retry_after, **fields)
     return _ERROR_CLASSES.get(status, _server_or_plain(status))(message, **fields)
 
@@ -457,66 +458,10 @@ def _server_or_plain(status: int | None) -> type[HubSpotError]:
 
 
 def _transport_error(method: str, shown_path: str, exc: requests.RequestException) -> HubSpotError:
-    if isinstance(exc, requests.Timeout):
-        category = "TIMEOUT"
-    elif isinstance(exc, requests.ConnectionError):
-        category = "CONNECTION_ERROR"
-    else:
-        category = "REQUEST_ERROR"
     message = f"no answer to {method} {shown_path}: {type(exc).__name__}"
-    return HubSpotTransportError(message, category=category, maybe_applied=_maybe_sent(exc))
-
-
-def _maybe_sent(exc: requests.RequestException) -> bool:
-    """Whether the request may have reached HubSpot before ``exc`` ended the call."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return False
-    if isinstance(exc, requests.ConnectionError):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
-        return not isinstance(reason, urllib3.exceptions.NewConnectionError)
-    return True
-
-
-def _read_before(response: requests.Response, deadline: float) -> None:
-    """Read the whole answer by ``deadline``, or raise ``CallDeadlineExceeded``.
-
-    Before each read the socket's timeout shrinks to the time left, so no single
-    read can carry the call past its deadline.
-    """
-    chunks = []
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CallDeadlineExceeded("the answer did not arrive within the call's deadline")
-            _set_socket_timeout(response, left)
-            chunk = response.raw.read1(64 * 1024, decode_content=True)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as error:
-        response.close()
-        raise CallDeadlineExceeded(str(error)) from None
-    except urllib3.exceptions.HTTPError as error:
-        response.close()
-        if time.monotonic() >= deadline:  # the shrunken socket timeout cut the read short
-            raise CallDeadlineExceeded(
-                "the answer did not arrive within the call's deadline"
-            ) from None
-        raise requests.ConnectionError(str(error)) from None
-    except CallDeadlineExceeded:
-        response.close()
-        raise
-    # What iter_content would have left behind, so .json() and .text read it.
-    response._content = b"".join(chunks)
-    response._content_consumed = True  # type: ignore[attr-defined]
-
-
-def _set_socket_timeout(response: requests.Response, seconds: float) -> None:
-    connection = getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
+    return HubSpotTransportError(
+        message, category=transport_category(exc), maybe_applied=maybe_sent(exc)
+    )
 
 
 def _batch_result(
@@ -618,23 +563,6 @@ def _json_or_none(response: requests.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delay seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _int_or_none(value: str | None) -> int | None:
