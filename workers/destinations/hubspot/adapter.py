@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -57,6 +56,8 @@ from workers.destinations.hubspot.client import (
     RateLimitInfo,
 )
 from workers.destinations.hubspot.settings import Config
+from workers.destinations.mapping import load_property_map as read_property_map
+from workers.destinations.mapping import profile_field
 
 DEFAULT_PROPERTY_MAP = {
     "email": "email",
@@ -100,29 +101,7 @@ def rate_limit_wait(
 
 def load_property_map(path: str | None) -> dict[str, str]:
     """The Auth0 field -> HubSpot property map: a JSON file, or the default."""
-    if not path:
-        return dict(DEFAULT_PROPERTY_MAP)
-    try:
-        mapping = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"HUBSPOT_PROPERTY_MAP {path!r} is not a readable JSON file: {error}"
-        ) from error
-    if not isinstance(mapping, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
-    ):
-        example = '{"given_name": "firstname"}'
-        raise ValueError(f"HUBSPOT_PROPERTY_MAP {path!r} must be a JSON object like {example}")
-    return mapping
-
-
-def _field(profile: dict[str, Any], path: str) -> Any:
-    value: Any = profile
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
+    return read_property_map(path, DEFAULT_PROPERTY_MAP, "HUBSPOT_PROPERTY_MAP")
 
 
 def _text(value: Any) -> str:
@@ -140,7 +119,7 @@ def map_properties(profile: dict[str, Any], mapping: dict[str, str]) -> dict[str
 
     The email is lowercased (HubSpot compares it so) and must be text to count.
     """
-    properties = {prop: _text(_field(profile, field_)) for field_, prop in mapping.items()}
+    properties = {prop: _text(profile_field(profile, field_)) for field_, prop in mapping.items()}
     if "email" in mapping:
         value = profile.get("email")
         properties[mapping["email"]] = value.strip().lower() if isinstance(value, str) else ""

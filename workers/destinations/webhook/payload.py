@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from workers.destinations.base import Intent, UserState
+from workers.destinations.mapping import profile_field
 from workers.destinations.webhook.signing import safe_id_part
 
 UPSERTED = "user.upserted"
@@ -88,7 +89,7 @@ def message_id(intent: Intent) -> str:
 
 def map_profile(profile: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
     """Every mapped field under its target name, as JSON; null when absent."""
-    return {target: _field(profile, source) for source, target in mapping.items()}
+    return {target: profile_field(profile, source) for source, target in mapping.items()}
 
 
 def event_timestamp(intent: Intent) -> str:
@@ -123,15 +124,6 @@ def properties_hash(kind: str, data: dict[str, Any]) -> str:
 def encode(message: dict[str, Any]) -> bytes:
     """The bytes sent and signed: compact JSON, ASCII only (any text survives as escapes)."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
-def _field(profile: dict[str, Any], path: str) -> Any:
-    value: Any = profile
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
 
 
 def _datetime_or_none(value: object) -> datetime | None:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from idsync.destinations import DestinationConfig
 from idsync.settings import parse_rate_limit
+from workers.destinations import mapping
 
 KIND = "webhook"
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's marker, not a secret
@@ -219,19 +218,7 @@ def secret_bytes(secret: str) -> bytes:
 
 def load_property_map(path: str | None) -> dict[str, str]:
     """Auth0 field -> profile name: the JSON object in the file at ``path``, or the default."""
-    if not path:
-        return dict(DEFAULT_PROPERTY_MAP)
-    try:
-        mapping = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path!r} is not a readable JSON file: {error}") from None
-    pairs = list(mapping.items()) if isinstance(mapping, dict) else []
-    if not pairs or not all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in pairs
-    ):
-        example = '{"given_name": "first_name", "app_metadata.plan": "plan"}'
-        raise ValueError(f"{path!r} must hold a JSON object of names like {example}")
-    return mapping
+    return mapping.load_property_map(path, DEFAULT_PROPERTY_MAP, "the property map")
 
 
 def _missing(prefix: str, url: str | None, secret: str | None) -> str | None:
