@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 ## A long soak with random faults (the suite runs a short one).
 soak: $(STAMP)
-	IDSYNC_SOAK_EVENTS=5000 IDSYNC_FAULT_EXAMPLES=40 \
+	IDSYNC_SOAK_EVENTS=5000 IDSYNC_FAULT_EXAMPLES=40 IDSYNC_SOAK_REPORTED=1 \
 		$(BIN)/python -m pytest tests/test_soak.py tests/test_properties_faults_e2e.py -q
 
 clean:

@@ -212,6 +212,25 @@ def _known_destination(name: str) -> tuple[Response, int] | None:
     return _error(404, f"unknown destination {name!r}; configured: {', '.join(known)}")
 
 
+@blueprint.get("/admin/destinations")
+def destinations_route() -> tuple[Response, int]:
+    """Every configured destination: its pause state (a missing setting included) and counts."""
+    settings = _state().settings
+    with transaction(_state().sessions) as session:
+        states = destination_states(session=session)
+        counts = counts_by_status(session=session)
+    views = [
+        destination_view(
+            name,
+            states.get(name),
+            counts.get(name, {}),
+            missing=settings.destination(name).missing(),
+        )
+        for name in settings.destinations
+    ]
+    return jsonify(views), 200
+
+
 @blueprint.post("/admin/destinations/<name>/pause")
 def pause_route(name: str) -> tuple[Response, int]:
     """Pause a destination by hand (body: optional ``{"reason": "..."}``)."""

@@ -244,3 +244,14 @@ def test_operator_pause_and_resume(pipeline: Pipeline) -> None:
     assert pipeline.deliveries() == [("succeeded", None)]
     unknown = post(pipeline, "/admin/destinations/salesforce/pause")
     assert unknown.status_code == 404 and "unknown destination" in unknown.json["error"]
+
+
+def test_destinations_lists_each_with_its_state_and_counts(pipeline: Pipeline) -> None:
+    failed_delivery(pipeline)
+    assert post(pipeline, "/admin/destinations/hubspot/pause").status_code == 200
+    response = get(pipeline, "/admin/destinations")
+    assert response.status_code == 200
+    [view] = response.json
+    assert (view["name"], view["paused"], view["paused_by"]) == ("hubspot", True, "operator")
+    assert view["deliveries"] == {"failed": 1, "succeeded": 1}  # as failed_delivery leaves it
+    assert pipeline.client.get("/admin/destinations").status_code == 401
