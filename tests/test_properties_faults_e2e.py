@@ -146,6 +146,7 @@ def assert_newest_under_faults(e2e: ServiceStack, history: dict[str, list[Step]]
     not os.environ.get("IDSYNC_SOAK_REPORTED"),
     reason="a run of minutes: make soak sets IDSYNC_SOAK_REPORTED",
 )
+@pytest.mark.timeout(1200)
 def test_the_reported_run_ends_right(
     isolated_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:

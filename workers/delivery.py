@@ -339,14 +339,18 @@ class _Recorder:
     taken: set[str]
     held_contacts: dict[int, str] = field(default_factory=dict)
     users: list[_UserRows] = field(default_factory=list)
+    # The user whose rows are being decided: every row goes into it.
+    current: _UserRows | None = None
 
     @property
     def _rows(self) -> _UserRows:
-        return self.users[-1]
+        assert self.current is not None, "rows are decided for one user at a time"
+        return self.current
 
     def record_user(self, plan: _UserPlan, outcomes: dict[str, Outcome]) -> None:
         """Decide every row of one user: its deliveries, its attempts and its link."""
-        self.users.append(_UserRows(plan))
+        self.current = _UserRows(plan)
+        self.users.append(self.current)
         link = plan.work.link
         link_row = {column: getattr(link, column) for column in LINK_STATE} | {"id": link.id}
         if link.id in self.held_contacts:
@@ -557,10 +561,9 @@ class _Recorder:
         cause = getattr(error, "orig", None) or error
         message = scrub(f"recording failed: {type(cause).__name__}: {error}")[:1000]
         log.error("recording user %s failed: %s", link.subject, message)
-        redo = _UserRows(plan)
+        redo = self.current = _UserRows(plan)
         keep = {column: getattr(link, column) for column in LINK_STATE} | {"id": link.id}
         redo.links.append(keep)
-        self.users.append(redo)
         shared = isinstance(error, IntegrityError) and "uq_links_live_external_id" in str(error)
         outcome_id = next((row["external_id"] for row in rows.links if row["external_id"]), None)
         if shared and outcome_id:
@@ -572,5 +575,4 @@ class _Recorder:
         if plan.newest is not None:
             call = CallSummary("(recording)", None, 0.0, "RECORDING_ERROR", message)
             self._attempts(plan.newest, Outcome(Verdict.RETRY, calls=[call]))
-        self.users.pop()
         return redo
