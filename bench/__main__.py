@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks and print one markdown table.
 
-``make bench`` runs all three; ``--quick`` runs each briefly; ``--only`` picks some;
+``make bench`` runs all five; ``--quick`` runs each briefly; ``--only`` picks some;
 ``--profile ingest|delivery`` shows where idsync's time goes instead. Every size and
 duration is an option (``--help``). Targets are reported, never asserted: the exit
 status is 0 whenever the benchmarks ran, whatever they measured, and 1 when one of
@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,14 +30,26 @@ from bench.common import (
     MachineCpu,
     describe_machine,
     find_wrk,
+    migrated_schema,
     wrk_version,
 )
 from bench.delivery import BacklogResult, DeliveryOptions, Phase, PhaseResult, run_backlog
 from bench.ingest import IngestOptions, run_ingest
+from bench.isolation import IsolationOptions, run_isolation
 from bench.load import WRK_MISSING
-from bench.report import Report, Row, capacity_row, delivery_rows, ingest_rows, naive_rows
+from bench.report import (
+    Report,
+    Row,
+    capacity_row,
+    delivery_rows,
+    ingest_rows,
+    isolation_rows,
+    naive_rows,
+    webhook_rows,
+)
+from bench.webhook import WebhookOptions, run_webhook
 
-BENCHMARKS = ("ingest", "delivery", "naive")
+BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook")
 UNLIMITED = 1_000_000  # requests per second: no rate limit in practice
 
 # (full run, --quick) defaults of every size and duration.
@@ -51,6 +64,8 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "naive_events": (2_000, 200),
     "naive_seconds": (40, 10),
     "quiet_wait": (30, 10),
+    "isolation_users": (20_000, 1_000),
+    "webhook_users": (5_000, 500),
 }
 
 
@@ -66,7 +81,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="ingest, delivery or naive (repeat or comma-separate)",
+        help="ingest, delivery, naive, isolation or webhook (repeat or comma-separate)",
     )
     parser.add_argument(
         "--out",
@@ -157,6 +172,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--naive-seconds", type=float, help="how long the naive mode runs on it (40, quick 10)"
     )
 
+    isolation = parser.add_argument_group(
+        "isolation (HubSpot beside a webhook that never answers, at --rate-limit/--window)"
+    )
+    isolation.add_argument(
+        "--isolation-users",
+        type=int,
+        help="new users posted through ingest and drained by each side (20000, quick 1000)",
+    )
+
+    webhook = parser.add_argument_group("webhook (throughput against the in-memory destination)")
+    webhook.add_argument(
+        "--webhook-users", type=int, help="new users each side delivers (5000, quick 500)"
+    )
+    webhook.add_argument(
+        "--webhook-rate-limit",
+        type=int,
+        default=1000,
+        help="LICENSES_RATE_LIMIT, per second (default 1000: generous)",
+    )
+    webhook.add_argument(
+        "--webhook-batch-size",
+        type=int,
+        default=50,
+        help="LICENSES_BATCH_SIZE for both sides (default 50, the kind's default)",
+    )
+
     profile = parser.add_argument_group("profiling (instead of the benchmarks)")
     profile.add_argument("--profile", choices=("ingest", "delivery", "limiter"))
     profile.add_argument("--profiler", choices=("cpu", "wall", "cprofile"), default="cpu")
@@ -219,6 +260,20 @@ class Runner:
         finally:
             client_.close()
         self.created: PhaseResult | None = None
+        self._cleanup = ExitStack()
+        self._schema: str | None = None
+
+    def schema(self) -> str:
+        """The run's migrated empty database, which every benchmark's database copies."""
+        if self._schema is None:
+            self._schema = self._cleanup.enter_context(
+                migrated_schema(
+                    self.args.pg_admin_url,
+                    f"idsync_bench_{self.run_id}_schema",
+                    self._dir("schema"),
+                )
+            )
+        return self._schema
 
     def _quiet(self, name: str) -> None:
         if self.args.quiet_wait <= 0:
@@ -253,6 +308,7 @@ class Runner:
             redis_url=args.redis_url,
             run_id=self.run_id,
             workdir=self._dir("ingest"),
+            schema=self.schema(),
         )
         self.report.rows += ingest_rows(result, self.report.machine.cores)
         self.report.notes += result.notes
@@ -284,6 +340,7 @@ class Runner:
             redis_pid=self.redis_pid,
             run_id=self.run_id,
             workdir=self._dir(label),
+            schema=self.schema(),
         )
 
     def capacity(self) -> None:
@@ -329,6 +386,57 @@ class Runner:
         self.report.rows += naive_rows(result, self.created, source)
         self.report.notes += result.notes
 
+    def isolation(self) -> None:
+        args = self.args
+        self._quiet("isolation")
+        self._say(
+            f"isolation: {args.isolation_users} new users through ingest, then HubSpot alone "
+            "and beside a webhook that never answers"
+        )
+        options = IsolationOptions(
+            users=args.isolation_users,
+            rate_limit=args.rate_limit,
+            window=args.window,
+            sweep_seconds=args.sweep_seconds,
+            timeout=args.delivery_timeout,
+            ingest_workers=args.ingest_workers,
+            connections=args.connections,
+        )
+        result = run_isolation(
+            options,
+            admin_url=args.pg_admin_url,
+            redis_url=args.redis_url,
+            redis_pid=self.redis_pid,
+            run_id=self.run_id,
+            workdir=self._dir("isolation"),
+            schema=self.schema(),
+        )
+        self.report.rows += isolation_rows(result)
+        self.report.notes += result.notes
+
+    def webhook(self) -> None:
+        args = self.args
+        self._quiet("webhook")
+        self._say(
+            f"webhook: {args.webhook_users} users to a local receiver and to memory, "
+            "through run_batch"
+        )
+        options = WebhookOptions(
+            users=args.webhook_users,
+            rate_limit=args.webhook_rate_limit,
+            batch_size=args.webhook_batch_size,
+        )
+        result = run_webhook(
+            options,
+            admin_url=args.pg_admin_url,
+            redis_url=args.redis_url,
+            run_id=self.run_id,
+            workdir=self._dir("webhook"),
+            schema=self.schema(),
+        )
+        self.report.rows += webhook_rows(result)
+        self.report.notes += result.notes
+
     def _dir(self, name: str) -> Path:
         path = self.workdir / name
         path.mkdir(exist_ok=True)
@@ -337,14 +445,17 @@ class Runner:
     def run(self) -> bool:
         """Run every chosen benchmark; a failed one becomes a row, and the rest still run."""
         failed = False
-        for name in self.args.only:
-            try:
-                getattr(self, name)()
-            except Exception as error:  # reported in the table; the exit status says so
-                failed = True
-                message = " ".join(str(error).split())[:400]
-                self.report.rows.append(Row(name, "failed", f"{type(error).__name__}: {message}"))
-                self._say(f"{name} failed: {error}")
+        with self._cleanup:
+            for name in self.args.only:
+                try:
+                    getattr(self, name)()
+                except Exception as error:  # reported in the table; the exit status says so
+                    failed = True
+                    message = " ".join(str(error).split())[:400]
+                    self.report.rows.append(
+                        Row(name, "failed", f"{type(error).__name__}: {message}")
+                    )
+                    self._say(f"{name} failed: {error}")
         if failed or self.args.keep_logs:
             self.report.notes.append(f"processes' logs kept in {self.workdir}")
             self._say(f"logs kept in {self.workdir}")

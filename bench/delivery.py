@@ -48,7 +48,6 @@ from idsync.stack import (
     beat_command,
     fake_hubspot_command,
     free_port,
-    migrate_command,
     worker_command,
 )
 from idsync.wakeups import Waker
@@ -171,10 +170,17 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def insert_backlog(database_url: str, kind: str, count: int, run_id: str) -> tuple[int, datetime]:
+def insert_backlog(
+    database_url: str,
+    kind: str,
+    count: int,
+    run_id: str,
+    destinations: tuple[str, ...] = ("hubspot",),
+) -> tuple[int, datetime]:
     """Record ``count`` events with their deliveries in one transaction, as ``record_event`` does.
 
-    Returns the first new delivery id and the database's clock after the commit.
+    Each event gets one delivery per destination. Returns the first new delivery id and
+    the database's clock after the commit.
     """
     events = []
     for number in range(count):
@@ -213,12 +219,13 @@ def insert_backlog(database_url: str, kind: str, count: int, run_id: str) -> tup
                     [
                         {
                             "event_pk": pk,
-                            "destination": "hubspot",
+                            "destination": destination,
                             "source": e.source,
                             "subject": e.subject,
                             "status": DeliveryStatus.PENDING,
                         }
                         for pk, e in zip(ids, chunk, strict=True)
+                        for destination in destinations
                     ],
                 )
         with engine.connect() as connection:
@@ -231,7 +238,7 @@ def insert_backlog(database_url: str, kind: str, count: int, run_id: str) -> tup
 # Measuring a phase
 
 
-class _Fake:
+class FakeControl:
     """The fake HubSpot process's control routes."""
 
     def __init__(self, url: str) -> None:
@@ -294,7 +301,8 @@ def _calls(log: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def _db_now(connection: psycopg.Connection[Any]) -> datetime:
+def database_clock(connection: psycopg.Connection[Any]) -> datetime:
+    """The database server's clock, which ``finished_at`` is written with."""
     row = connection.execute("SELECT clock_timestamp()").fetchone()
     assert row is not None
     return row[0]  # type: ignore[no-any-return]
@@ -303,16 +311,23 @@ def _db_now(connection: psycopg.Connection[Any]) -> datetime:
 _FINISHED = tuple(status.value for status in FINISHED)
 
 
-def _progress(connection: psycopg.Connection[Any], first_id: int) -> int:
+def finished_count(
+    connection: psycopg.Connection[Any], first_id: int, destination: str = "hubspot"
+) -> int:
+    """How many of ``destination``'s deliveries from ``first_id`` on have finished."""
     row = connection.execute(
-        "SELECT count(*) FROM deliveries WHERE id >= %s AND status = ANY(%s)",
-        (first_id, list(_FINISHED)),
+        "SELECT count(*) FROM deliveries WHERE id >= %s AND destination = %s AND status = ANY(%s)",
+        (first_id, destination, list(_FINISHED)),
     ).fetchone()
     return int(row[0]) if row else 0
 
 
-def _timing(
-    connection: psycopg.Connection[Any], first_id: int, started: datetime, stopped: datetime | None
+def drain_timing(
+    connection: psycopg.Connection[Any],
+    first_id: int,
+    started: datetime,
+    stopped: datetime | None,
+    destination: str = "hubspot",
 ) -> tuple[float, float | None]:
     """Seconds from ``started`` to the last finish (or ``stopped``), and the 10%->90% rate."""
     row = connection.execute(
@@ -321,9 +336,9 @@ def _timing(
                percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at),
                percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at),
                count(*)
-        FROM deliveries WHERE id >= %s AND status = 'succeeded'
+        FROM deliveries WHERE id >= %s AND destination = %s AND status = 'succeeded'
         """,
-        (first_id,),
+        (first_id, destination),
     ).fetchone()
     assert row is not None
     last, p10, p90, count = row
@@ -335,12 +350,23 @@ def _timing(
     return elapsed, steady
 
 
-class _Processes:
-    """CPU and peak memory of the processes a phase runs."""
+class StackProcesses:
+    """CPU and peak memory of the processes a phase runs.
 
-    def __init__(self, stack: Stack, admin_url: str, database: str, redis_pid: int) -> None:
+    ``others`` names processes outside the stack that take part (label -> pid).
+    """
+
+    def __init__(
+        self,
+        stack: Stack,
+        admin_url: str,
+        database: str,
+        redis_pid: int,
+        others: dict[str, int] | None = None,
+    ) -> None:
         self.stack, self.admin_url, self.database = stack, admin_url, database
         self.redis_pid = redis_pid
+        self.others = others or {}
         self.peak_kb: dict[int, int] = {}
         self.labels: dict[int, str] = {}
 
@@ -355,6 +381,7 @@ class _Processes:
             "fake HubSpot": process_tree(stack_pid(self.stack, "fake")),
             "PostgreSQL backends": [int(row[0]) for row in rows],
             "Redis": [self.redis_pid],
+            **{label: [pid] for label, pid in self.others.items()},
         }
 
     def cpu(self) -> dict[str, dict[int, float]]:
@@ -377,50 +404,55 @@ class _Processes:
         return {self.labels[pid]: kb for pid, kb in self.peak_kb.items()}
 
 
-def _cpu_spent(
+def cpu_spent(
     before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
 ) -> dict[str, float]:
+    """CPU seconds per group between two ``StackProcesses.cpu()`` readings."""
     return {
         name: sum(max(0.0, s - before.get(name, {}).get(pid, 0.0)) for pid, s in pids.items())
         for name, pids in after.items()
     }
 
 
-def _measure(
-    phase: Phase,
+def measure_drain(
+    expected: int,
+    limit: float,
     *,
     url: str,
     first_id: int,
     started: datetime,
-    timeout: float,
-    processes: _Processes,
+    processes: StackProcesses,
     stack: Stack,
+    destination: str = "hubspot",
 ) -> tuple[float, float | None, int, bool]:
-    """Wait for the phase to end; (elapsed, steady rate, finished, complete)."""
-    limit = min(timeout, phase.seconds) if phase.seconds else timeout
+    """Wait up to ``limit`` seconds for ``expected`` deliveries of ``destination`` to finish.
+
+    Returns (elapsed since ``started``, steady rate, finished, complete).
+    """
     deadline = time.monotonic() + limit
     finished = 0
     with psycopg.connect(url, autocommit=True) as connection:
         while time.monotonic() < deadline:
             stack.check_alive()
             processes.sample_memory()
-            finished = _progress(connection, first_id)
-            if finished >= phase.events:
+            finished = finished_count(connection, first_id, destination)
+            if finished >= expected:
                 break
             time.sleep(POLL_SECONDS)
-        complete = finished >= phase.events
-        stopped = None if complete else _db_now(connection)
-        finished = _progress(connection, first_id)
-        elapsed, steady = _timing(connection, first_id, started, stopped)
+        complete = finished >= expected
+        stopped = None if complete else database_clock(connection)
+        finished = finished_count(connection, first_id, destination)
+        elapsed, steady = drain_timing(connection, first_id, started, stopped, destination)
     return elapsed, steady, finished, complete
 
 
-def _statuses(url: str, first_id: int) -> dict[str, int]:
+def status_counts(url: str, first_id: int, destination: str = "hubspot") -> dict[str, int]:
+    """``destination``'s deliveries from ``first_id`` on by ``status[:reason]``."""
     with psycopg.connect(url) as connection:
         rows = connection.execute(
             "SELECT status || coalesce(':' || reason, ''), count(*) FROM deliveries "
-            "WHERE id >= %s GROUP BY 1 ORDER BY 1",
-            (first_id,),
+            "WHERE id >= %s AND destination = %s GROUP BY 1 ORDER BY 1",
+            (first_id, destination),
         ).fetchall()
     return {str(label): int(count) for label, count in rows}
 
@@ -436,11 +468,18 @@ def run_backlog(
     redis_pid: int,
     run_id: str,
     workdir: Path,
+    schema: str,
 ) -> BacklogResult:
-    """Run ``phases`` one after another through one worker, beat and fake HubSpot."""
+    """Run ``phases`` one after another through one worker, beat and fake HubSpot.
+
+    The database starts as a copy of ``schema``, a migrated empty database.
+    """
     prefix = f"idsync-bench-{run_id}-{label}"
     database = f"idsync_bench_{run_id}_{label}"
-    with own_database(admin_url, database) as url, own_redis_prefix(redis_url, prefix):
+    with (
+        own_database(admin_url, database, template=schema) as url,
+        own_redis_prefix(redis_url, prefix),
+    ):
         port = free_port()
         fake_url = f"http://127.0.0.1:{port}"
         env = {
@@ -455,7 +494,6 @@ def run_backlog(
             "SWEEP_SECONDS": f"{options.sweep_seconds:g}",
         }
         stack = Stack(env=env, workdir=workdir)
-        stack.run(migrate_command())
         settings = Settings(
             database_url=url,
             celery_broker_url=redis_url,
@@ -469,7 +507,7 @@ def run_backlog(
                 fake_hubspot_command(port, HUBSPOT_TOKEN, options.rate_limit, options.window),
             )
             stack.wait_for_http(f"{fake_url}/_fake/stats", timeout=60)
-            fake = _Fake(fake_url)
+            fake = FakeControl(fake_url)
             first_id, _ = insert_backlog(url, phases[0].kind, phases[0].events, run_id)
             stack.start(
                 "worker", worker_command(concurrency=options.concurrency, name=f"bench-{label}")
@@ -477,7 +515,7 @@ def run_backlog(
             stack.wait_for_log("worker", "ready", timeout=90)
             stack.start("beat", beat_command(workdir / f"celerybeat-schedule-{label}"))
             stack.wait_for_log("beat", "Starting", timeout=60)
-            processes = _Processes(stack, admin_url, database, redis_pid)
+            processes = StackProcesses(stack, admin_url, database, redis_pid)
             results = []
             for index, phase in enumerate(phases):
                 if index > 0:
@@ -501,7 +539,7 @@ def run_backlog(
             # for a warm shutdown would only add time.
             for name in ("beat", "worker"):
                 if name in stack.children:
-                    stack.stop(name, timeout=5)
+                    stack.kill(name)
             stack.stop_all()
     result = BacklogResult(options=options, batch_size=batch_size, phases=results, memory_kb=memory)
     for done in results:
@@ -521,8 +559,8 @@ def _run_phase(
     url: str,
     first_id: int,
     waker: Waker,
-    fake: _Fake,
-    processes: _Processes,
+    fake: FakeControl,
+    processes: StackProcesses,
     stack: Stack,
 ) -> PhaseResult:
     stats_before = fake.stats()
@@ -530,23 +568,24 @@ def _run_phase(
     cpu_before = processes.cpu()
     machine, watched = MachineCpu(), time.monotonic()
     with psycopg.connect(url) as connection:
-        started = _db_now(connection)
+        started = database_clock(connection)
     waker.wake("hubspot")  # the sweep would too, within SWEEP_SECONDS
-    elapsed, steady, finished, complete = _measure(
-        phase,
+    limit = min(options.timeout, phase.seconds) if phase.seconds else options.timeout
+    elapsed, steady, finished, complete = measure_drain(
+        phase.events,
+        limit,
         url=url,
         first_id=first_id,
         started=started,
-        timeout=options.timeout,
         processes=processes,
         stack=stack,
     )
     busy, wall = machine.busy_seconds(), time.monotonic() - watched
-    cpu = _cpu_spent(cpu_before, processes.cpu())
+    cpu = cpu_spent(cpu_before, processes.cpu())
     stats_after = fake.stats()
     log = fake.requests_log()[logged_before:]
     calls = _calls(log)
-    statuses = _statuses(url, first_id)
+    statuses = status_counts(url, first_id)
     return PhaseResult(
         phase=phase,
         batch_size=batch_size,

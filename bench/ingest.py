@@ -29,7 +29,7 @@ from bench.common import (
     stack_pid,
 )
 from bench.load import LoadResult, LoadSpec, run_load
-from idsync.stack import Stack, free_port, ingest_command, migrate_command
+from idsync.stack import Stack, free_port, ingest_command
 
 INGEST_TOKEN = "bench-ingest-token"  # noqa: S105 - a throwaway token for loopback traffic
 IDSYNC_APP = "ingest:create_app()"
@@ -153,13 +153,22 @@ def _children_cpu() -> float:
 
 
 def run_ingest(
-    options: IngestOptions, *, admin_url: str, redis_url: str, run_id: str, workdir: Path
+    options: IngestOptions,
+    *,
+    admin_url: str,
+    redis_url: str,
+    run_id: str,
+    workdir: Path,
+    schema: str,
 ) -> IngestResult:
-    """Measure the three servers in alternating rounds; everything is torn down afterwards."""
+    """Measure the three servers in alternating rounds; everything is torn down afterwards.
+
+    idsync's database starts as a copy of ``schema``, a migrated empty database.
+    """
     prefix = f"idsync-bench-{run_id}-ingest"
     names = {"idsync": f"idsync_bench_{run_id}_ingest", "floor": f"idsync_bench_{run_id}_floor"}
     with (
-        own_database(admin_url, names["idsync"]) as idsync_url,
+        own_database(admin_url, names["idsync"], template=schema) as idsync_url,
         own_database(admin_url, names["floor"]) as floor_url,
         own_redis_prefix(redis_url, prefix),
     ):
@@ -172,7 +181,6 @@ def run_ingest(
             FLOOR_URL_VARIABLE: floor_url,
         }
         stack = Stack(env=env, workdir=workdir)
-        stack.run(migrate_command())
         with psycopg.connect(floor_url, autocommit=True) as connection:
             connection.execute(FLOOR_SCHEMA)
         ports = {name: free_port() for name in SERVERS}

@@ -4,6 +4,9 @@ Both generators are closed loops over a fixed number of connections, give every
 request a unique event id (``table.concat(parts, unique)``: the body template is
 split where the unique value goes) and return the same ``LoadResult``: counts and
 an exact latency histogram in microseconds, so rounds can be merged.
+
+``post_all`` sends a fixed set of requests instead, each once: how other benchmarks
+build a backlog through the real ingest.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -221,3 +225,67 @@ def run_load(spec: LoadSpec, workdir: Path, client: str, wrk: str | None = None)
     if client == "wrk":
         return run_wrk(spec, workdir, wrk)
     return run_python_client(spec)
+
+
+@dataclass(frozen=True)
+class PostSpec:
+    """``count`` requests to POST once each; ``body(number)`` is the body of request ``number``."""
+
+    host: str
+    port: int
+    path: str
+    headers: dict[str, str]
+    body: Callable[[int], bytes]  # module-level (or a partial of one): it crosses a fork
+    count: int
+    connections: int
+
+
+POST_TRIES = 3
+
+
+def _post_share(spec: PostSpec, first: int) -> LoadResult:
+    """Requests ``first``, ``first + connections``, ... over one keep-alive connection.
+
+    A request whose connection failed is sent again on a new one: idsync's ingest
+    stores an event once per id, so a repeat cannot add a second row.
+    """
+    result = LoadResult()
+    connection: http.client.HTTPConnection | None = None
+    for number in range(first, spec.count, spec.connections):
+        body = spec.body(number)
+        for _ in range(POST_TRIES):
+            started = time.perf_counter()
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection(spec.host, spec.port, timeout=30)
+                connection.request("POST", spec.path, body, spec.headers)
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                result.socket_errors += 1
+                if connection is not None:
+                    connection.close()
+                connection = None
+                continue
+            result.latency_us[round((time.perf_counter() - started) * 1_000_000)] += 1
+            result.responses += 1
+            result.ok += response.status < 300
+            if response.will_close:
+                connection.close()
+                connection = None
+            break
+    if connection is not None:
+        connection.close()
+    return result
+
+
+def post_all(spec: PostSpec) -> LoadResult:
+    """Send every request of ``spec`` once, over ``connections`` connections (a process each)."""
+    total = LoadResult()
+    started = time.monotonic()
+    spec = replace(spec, connections=max(1, min(spec.connections, spec.count)))
+    with ProcessPoolExecutor(spec.connections, mp_context=get_context("fork")) as pool:
+        for part in pool.map(_post_share, [spec] * spec.connections, range(spec.connections)):
+            total.add(part)
+    total.seconds = time.monotonic() - started
+    return total

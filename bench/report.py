@@ -1,4 +1,4 @@
-"""The markdown report: one table (machine, ingest, delivery, naive), then notes."""
+"""The markdown report: one table (the machine, then each benchmark's rows), then notes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ from datetime import UTC, datetime
 from bench.common import Machine, code_revision
 from bench.delivery import BacklogResult, DeliveryOptions, PhaseResult
 from bench.ingest import IngestOptions, IngestResult
+from bench.isolation import (
+    CAPS,
+    LEASE_SECONDS,
+    SETTLE_SECONDS,
+    WEBHOOK_TIMEOUT_SECONDS,
+    WORKER_CONCURRENCY,
+    IsolationResult,
+    IsolationSide,
+)
+from bench.webhook import WebhookResult, WebhookSide
+from workers.destinations.webhook.adapter import PARALLEL_REQUESTS
 
 HEADER = ("benchmark", "measure", "result", "target", "met")
 
@@ -305,5 +316,123 @@ def naive_rows(naive: BacklogResult, batched: PhaseResult, batched_source: str) 
             f"{number(phase.rate, 2)}/s)",
             ">= 20x",
             verdict(ratio, 20, at_least=True),
+        ),
+    ]
+
+
+# Isolation: HubSpot beside a webhook that never answers
+
+
+def _cpu_line(cpu: dict[str, float], count: int, unit: str) -> str:
+    parts = [
+        f"{name} {number(seconds * 1000 / count, 2)}"
+        for name, seconds in sorted(cpu.items(), key=lambda item: -item[1])
+        if seconds >= 0.01
+    ]
+    return "; ".join(parts) + f" CPU s per 1,000 {unit}"
+
+
+def _side(side: IsolationSide, ceiling: float, users: int) -> str:
+    steady = f"; steady 10%-90%: {number(side.steady_rate)}/s" if side.steady_rate else ""
+    done = "" if side.complete else " (timed out: partial)"
+    return (
+        f"{number(side.rate)}/s = {side.rate / ceiling:.2f} x ceiling {number(ceiling)}/s "
+        f"({number(side.synced)} of {number(users)} in {number(side.elapsed, 1)} s{steady}; "
+        f"{side.rate_limited} of {side.requests} HubSpot requests answered 429; machine busy "
+        f"{side.cores_busy:.2f} cores, {side.cores_other:.2f} of them outside the "
+        f"benchmark){done}"
+    )
+
+
+def isolation_rows(result: IsolationResult) -> list[Row]:
+    options = result.options
+    alone, beside = result.sides["alone"], result.sides["beside"]
+    ratio = result.ratio
+    posted = result.posted
+    return [
+        Row(
+            "isolation",
+            "contacts synced per second, HubSpot alone, new users",
+            _side(alone, options.ceiling, options.users),
+        ),
+        Row(
+            "isolation",
+            "contacts synced per second, HubSpot beside a webhook that never answers",
+            _side(beside, options.ceiling, options.users)
+            + f"; the webhook meanwhile: {number(beside.held)} requests held unanswered by "
+            f"the receiver, {number(beside.webhook_attempts)} attempts recorded, "
+            f"{number(beside.webhook_delivered)} of {number(options.users)} delivered",
+        ),
+        Row(
+            "isolation",
+            "beside / alone, HubSpot contacts per second",
+            f"{number(ratio, 2)}x ({number(beside.rate)}/s vs {number(alone.rate)}/s)",
+            ">= 0.9x",
+            verdict(ratio, 0.9, at_least=True),
+        ),
+        Row(
+            "isolation",
+            "setup",
+            f"{number(options.users)} new users posted through gunicorn ingest "
+            f"(`--workers {options.ingest_workers}`, {options.connections} connections, "
+            f"{number(posted.rate)} req/s) with DESTINATIONS=hubspot,licenses, then copied "
+            f"into one database per side; per side a fake HubSpot and HUBSPOT_RATE_LIMIT="
+            f"{options.rate_limit_text}, one `celery -A workers worker --concurrency "
+            f"{WORKER_CONCURRENCY}` (caps HUBSPOT_CONCURRENCY={CAPS['hubspot']} + "
+            f"LICENSES_CONCURRENCY={CAPS['licenses']}) and beat (SWEEP_SECONDS="
+            f"{options.sweep_seconds:g}); LICENSES_KIND=webhook, LICENSES_TIMEOUT_SECONDS="
+            f"{WEBHOOK_TIMEOUT_SECONDS:g}, LEASE_SECONDS={LEASE_SECONDS}, SETTLE_SECONDS="
+            f"{SETTLE_SECONDS} on both sides; only DESTINATIONS differs (alone: hubspot)",
+        ),
+    ]
+
+
+# Webhook throughput
+
+
+def _drained(side: WebhookSide, users: int, unit: str) -> str:
+    calls = (
+        f"{number(side.calls)} calls of {number(side.call_ms, 1)} ms on average; "
+        if side.call_ms is not None
+        else ""
+    )
+    return (
+        f"{number(side.rate)}/s ({number(side.delivered)} of {number(users)} in "
+        f"{number(side.elapsed, 1)} s, {side.batches} batches; {calls}"
+        f"{_cpu_line(side.cpu, max(side.delivered, 1), unit)}; machine busy "
+        f"{side.cores_busy:.2f} cores, {side.cores_other:.2f} of them outside the benchmark)"
+    )
+
+
+def webhook_rows(result: WebhookResult) -> list[Row]:
+    options = result.options
+    memory, webhook = result.sides["memory"], result.sides["webhook"]
+    ratio = result.ratio
+    return [
+        Row(
+            "webhook",
+            "signed messages delivered per second to a local receiver that verifies each",
+            _drained(webhook, options.users, "messages"),
+        ),
+        Row(
+            "webhook",
+            "the engine alone: in-memory destination, same users and settings",
+            _drained(memory, options.users, "deliveries"),
+        ),
+        Row(
+            "webhook",
+            "webhook / in-memory, deliveries per second",
+            f"{number(ratio, 2)}x ({number(webhook.rate)}/s vs {number(memory.rate)}/s)",
+            ">= 0.5x",
+            verdict(ratio, 0.5, at_least=True),
+        ),
+        Row(
+            "webhook",
+            "setup",
+            f"{number(options.users)} new users, one delivery each, copied into one database "
+            f"per side; `run_batch` in a loop in one process, LICENSES_BATCH_SIZE="
+            f"{options.batch_size}; the webhook sends {PARALLEL_REQUESTS} requests at once "
+            f"over keep-alive connections under LICENSES_RATE_LIMIT={options.rate_limit}/1s "
+            f"to `python -m idsync.fakes.webhook_receiver` (its own process)",
         ),
     ]

@@ -23,7 +23,7 @@ NUMBER = re.compile(r"\d")
 TINY = shlex.split(
     "--quiet-wait 0 --rounds 1 --round-seconds 1 --warmup-seconds 0 --connections 2 "
     "--events 150 --updates 100 --capacity-events 50 --rate-limit 20 --delivery-timeout 90 "
-    "--naive-events 20 --naive-seconds 3"
+    "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200"
 )
 
 
@@ -72,7 +72,15 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
     by_benchmark: dict[str, dict[str, list[str]]] = {}
     for benchmark, measure, result, target, met in rows:
         by_benchmark.setdefault(benchmark, {})[measure] = [result, target, met]
-    assert set(by_benchmark) == {"machine", "code", "ingest", "delivery", "naive"}
+    assert set(by_benchmark) == {
+        "machine",
+        "code",
+        "ingest",
+        "delivery",
+        "naive",
+        "isolation",
+        "webhook",
+    }
     assert {"CPU", "cores", "Python", "PostgreSQL", "Redis", "load generator"} <= set(
         by_benchmark["machine"]
     )
@@ -84,8 +92,9 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         for m, cells in measures.items()
         if cells[1]
     ]
-    # Three ingest targets, two per delivery phase plus memory, and the naive ratio.
-    assert len(targets) == 3 + 2 * 2 + 1 + 1
+    # Three ingest targets, two per delivery phase plus memory, the naive ratio, the
+    # isolation ratio and the webhook ratio.
+    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1
     for benchmark, measure, (result, _target, met) in targets:
         assert NUMBER.search(result), (benchmark, measure, result)
         assert "n/a" not in result, (benchmark, measure, result)
@@ -108,4 +117,10 @@ def test_every_size_is_an_option() -> None:
     assert quick.events < full.events and quick.round_seconds < full.round_seconds
     assert full.events >= 20_000
     assert parse_args(["--only", "ingest,naive"]).only == ["ingest", "naive"]
+    assert parse_args(["--only", "webhook", "--only", "isolation"]).only == [
+        "isolation",
+        "webhook",
+    ]
+    assert quick.isolation_users < full.isolation_users and full.isolation_users >= 20_000
+    assert quick.webhook_users < full.webhook_users
     assert parse_args(["--quick", "--events", "7"]).events == 7
