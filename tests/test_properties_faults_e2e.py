@@ -190,6 +190,8 @@ def test_the_reported_run_ends_right(
                 7, answer_late=0.25, apply_late=0.25, error=0.05, max_delay=6.0, statuses=(500,)
             )
             events = documents(history, uuid.uuid4().hex[:8])
+            for number, event in enumerate(events):
+                event["id"] = f"evt_reported_{number}"  # documents() assumes under ten users
             rng.shuffle(events)
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(stack.post, events))
