@@ -41,7 +41,10 @@ def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
         try:
             return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
         except OverflowError:
-            raise ValueError(f"{text!r} reaches back before the year 1") from None
+            raise ValueError(
+                f"{text!r} reaches back before the year 1: since and until must lie between "
+                "the years 1 and 9999"
+            ) from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
