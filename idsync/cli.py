@@ -26,7 +26,6 @@ from models.commands import (
     DEFAULT_CHUNK_SIZE,
     NothingToResync,
     ReplayResult,
-    destination_states,
     pause_destination,
     replay,
     resume_destination,
@@ -44,7 +43,7 @@ from models.queries import (
 )
 from models.retention import purge_before
 from models.tables import FINISHED, DeliveryStatus
-from models.views import delivery_view, destination_view, detail_view, replay_view
+from models.views import delivery_view, destination_views, detail_view, replay_view
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -612,17 +611,7 @@ def list_destinations(as_json: bool) -> None:
       idsync destinations list
     """
     with _outbox() as (settings, sessions), transaction(sessions) as session:
-        states = destination_states(session=session)
-        counts = counts_by_status(session=session)
-        views = [
-            destination_view(
-                name,
-                states.get(name),
-                counts.get(name, {}),
-                missing=settings.destination(name).missing(),
-            )
-            for name in settings.destinations
-        ]
+        views = destination_views(session=session, settings=settings)
     if as_json:
         _print_json(views)
         return

@@ -33,7 +33,13 @@ from models.queries import (
     list_deliveries,
 )
 from models.tables import FINISHED
-from models.views import delivery_view, destination_view, detail_view, replay_view
+from models.views import (
+    delivery_view,
+    destination_view,
+    destination_views,
+    detail_view,
+    replay_view,
+)
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin", __name__)
@@ -215,19 +221,8 @@ def _known_destination(name: str) -> tuple[Response, int] | None:
 @blueprint.get("/admin/destinations")
 def destinations_route() -> tuple[Response, int]:
     """Every configured destination: its pause state (a missing setting included) and counts."""
-    settings = _state().settings
     with transaction(_state().sessions) as session:
-        states = destination_states(session=session)
-        counts = counts_by_status(session=session)
-    views = [
-        destination_view(
-            name,
-            states.get(name),
-            counts.get(name, {}),
-            missing=settings.destination(name).missing(),
-        )
-        for name in settings.destinations
-    ]
+        views = destination_views(session=session, settings=_state().settings)
     return jsonify(views), 200
 
 

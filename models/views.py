@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from idsync.logs import scrub
-from models.commands import ReplayResult
-from models.queries import DeliveryDetail
+from idsync.settings import Settings
+from models.commands import ReplayResult, destination_states
+from models.queries import DeliveryDetail, counts_by_status
 from models.tables import Delivery, DeliveryAttempt, DestinationState, Event
 
 _SECRET_KEY = re.compile(r"(?i)token|secret|password|authorization|api_?key")
@@ -168,6 +171,21 @@ def destination_view(
     if counts is not None:
         view["deliveries"] = dict(counts)
     return view
+
+
+def destination_views(*, session: Session, settings: Settings) -> list[dict[str, Any]]:
+    """Every configured destination's view, with what its settings lack and its counts."""
+    states = destination_states(session=session)
+    counts = counts_by_status(session=session)
+    return [
+        destination_view(
+            name,
+            states.get(name),
+            counts.get(name, {}),
+            missing=settings.destination(name).missing(),
+        )
+        for name in settings.destinations
+    ]
 
 
 def replay_view(result: ReplayResult, *, dry_run: bool) -> dict[str, Any]:
