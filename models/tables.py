@@ -29,6 +29,14 @@ class EventStatus(enum.StrEnum):
     IGNORED = "ignored"
 
 
+class ReceivedVia(enum.StrEnum):
+    """How an event reached idsync."""
+
+    WEBHOOK = "webhook"  # the Event Stream posted it
+    RECOVERY = "recovery"  # read back from Auth0's failed deliveries
+    BACKFILL = "backfill"  # made from a user export
+
+
 class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"
     IN_PROGRESS = "in_progress"
@@ -79,6 +87,10 @@ class Event(Base):
     body_sha256: Mapped[str] = mapped_column(String(64))
     # The CloudEvent without data.context; set to NULL when retention purges it.
     payload: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+    # A ReceivedVia value.
+    received_via: Mapped[str] = mapped_column(
+        String(16), default=ReceivedVia.WEBHOOK.value, server_default=text("'webhook'")
+    )
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="event")
 
@@ -93,6 +105,13 @@ class Delivery(Base):
         Index("ix_deliveries_claim", "destination", "status", "priority", "next_attempt_at"),
         Index("ix_deliveries_user", "destination", "source", "subject", "status"),
         Index("ix_deliveries_updated_at", "updated_at"),
+        Index(
+            "ix_deliveries_held",
+            "destination",
+            "held",
+            postgresql_where=text("held IS NOT NULL"),
+            sqlite_where=text("held IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -119,6 +138,8 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     external_id: Mapped[str | None] = mapped_column(String(64))
+    # Pending but not to be claimed until an operator releases it (``deprovision_guard``).
+    held: Mapped[str | None] = mapped_column(String(32))
     # The Celery task that last claimed it: open it in Flower at /task/<task_id>.
     task_id: Mapped[str | None] = mapped_column(String(155))
     created_at: Mapped[datetime] = _now_column()
@@ -226,3 +247,28 @@ class DestinationState(Base):
     paused_by: Mapped[str | None] = mapped_column(String(20))
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Auth0RecoveryPass(Base):
+    """One pass over an Event Stream's failed deliveries, and what it found."""
+
+    __tablename__ = "auth0_recovery_passes"
+    __table_args__ = (Index("ix_auth0_recovery_passes_stream", "stream_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    stream_id: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = _now_column()
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The window of delivery times it read; the newest finished window_to is the watermark.
+    window_from: Mapped[datetime] = mapped_column(UTCDateTime())
+    window_to: Mapped[datetime] = mapped_column(UTCDateTime())
+    trigger: Mapped[str] = mapped_column(String(16))  # beat, or cli
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    stream_status: Mapped[str | None] = mapped_column(String(16))
+    listed: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    stored: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    rejected: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    redelivered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    reenabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    error: Mapped[str | None] = mapped_column(Text)
