@@ -170,8 +170,15 @@ def event_order_key(event: Event) -> str:
 
 
 def _due(destination: str, now: datetime) -> Any:
-    """Deliveries of ``destination`` that a worker may take now."""
-    pending = and_(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
+    """Deliveries of ``destination`` that a worker may take now.
+
+    A held delivery (``held``, e.g. by the deprovision guard) waits for an operator.
+    """
+    pending = and_(
+        Delivery.status == DeliveryStatus.PENDING,
+        Delivery.next_attempt_at <= now,
+        Delivery.held.is_(None),
+    )
     orphaned = and_(Delivery.status == DeliveryStatus.IN_PROGRESS, Delivery.lease_expires_at < now)
     return and_(Delivery.destination == destination, or_(pending, orphaned))
 
