@@ -21,6 +21,7 @@ from rich.text import Text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from idsync.destinations import read_headroom
 from idsync.settings import Settings, parse_duration
 from models.commands import (
     DEFAULT_CHUNK_SIZE,
@@ -43,7 +44,13 @@ from models.queries import (
 )
 from models.retention import purge_before
 from models.tables import FINISHED, DeliveryStatus
-from models.views import delivery_view, destination_views, detail_view, replay_view
+from models.views import (
+    delivery_view,
+    destination_views,
+    detail_view,
+    headroom_text,
+    replay_view,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -611,7 +618,7 @@ def list_destinations(as_json: bool) -> None:
       idsync destinations list
     """
     with _outbox() as (settings, sessions), transaction(sessions) as session:
-        views = destination_views(session=session, settings=settings)
+        views = destination_views(session=session, settings=settings, headroom=_headroom(settings))
     if as_json:
         _print_json(views)
         return
@@ -622,6 +629,7 @@ def list_destinations(as_json: bool) -> None:
     shown = (DeliveryStatus.PENDING.value, DeliveryStatus.FAILED.value)
     for status in shown:
         table.add_column(status, justify="right", no_wrap=True)
+    table.add_column("rate-limit headroom", overflow="fold")
     for view in views:
         state = "ok"
         if view["paused"]:
@@ -632,8 +640,26 @@ def list_destinations(as_json: bool) -> None:
             _shown(state),
             _short(view["paused_at"]),
             *(str(view["deliveries"].get(status, 0)) for status in shown),
+            headroom_text(view["rate_limit"]),
         )
     _out().print(table)
+
+
+def _headroom(settings: Settings) -> dict[str, dict[str, float]]:
+    """The headroom workers left in Redis; unknown (with a line on stderr) without Redis."""
+    url = settings.effective_redis_url
+    if url is None:
+        return {}
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return read_headroom(client, settings, list(settings.destinations))
+    except redis.RedisError as error:
+        click.echo(f"rate-limit headroom unknown: Redis unreachable ({error})", err=True)
+        return {}
+    finally:
+        client.close()
 
 
 @destinations.command("pause")

@@ -160,3 +160,42 @@ def build_adapter(
 def headroom_key(settings: Settings, name: str) -> str:
     """The Redis hash where workers leave a destination's newest rate-limit headroom."""
     return f"{settings.redis_key_prefix}:headroom:{name}"
+
+
+# Hash fields workers write (``workers/metrics.py``) -> how views name them, and scale.
+HEADROOM_FIELDS = {
+    "max": ("max", 1.0),
+    "remaining": ("remaining", 1.0),
+    "interval_ms": ("interval_seconds", 0.001),
+    "daily": ("daily_max", 1.0),
+    "daily_remaining": ("daily_remaining", 1.0),
+}
+
+
+def read_headroom(client: Any, settings: Settings, names: list[str]) -> dict[str, dict[str, float]]:
+    """The newest rate-limit headroom each destination reported, as workers left it in Redis.
+
+    One dict per name that reported any (``max``, ``remaining``, ``interval_seconds``,
+    ``daily_max``, ``daily_remaining``, ``age_seconds`` as far as sent); a destination
+    that reports none (a webhook) or that no worker reached in the last hour is absent.
+    Redis errors reach the caller: an unknown headroom is the caller's to explain.
+    """
+    pipeline = client.pipeline(transaction=False)
+    for name in names:
+        pipeline.hgetall(headroom_key(settings, name))
+    pipeline.time()
+    *stored, (seconds, microseconds) = pipeline.execute()
+    now = seconds + microseconds / 1e6
+    found: dict[str, dict[str, float]] = {}
+    for name, hash_ in zip(names, stored, strict=True):
+        values = {key.decode(): value.decode() for key, value in hash_.items()}
+        figures = {
+            shown: float(values[field]) * scale
+            for field, (shown, scale) in HEADROOM_FIELDS.items()
+            if field in values
+        }
+        if "updated_at" in values:
+            figures["age_seconds"] = round(max(0.0, now - float(values["updated_at"])), 3)
+        if figures:
+            found[name] = figures
+    return found

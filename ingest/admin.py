@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from idsync.destinations import read_headroom
 from ingest.auth import presented_secret, secret_matches
 from models.commands import (
     ReplayResult,
@@ -222,8 +223,19 @@ def _known_destination(name: str) -> tuple[Response, int] | None:
 def destinations_route() -> tuple[Response, int]:
     """Every configured destination: its pause state (a missing setting included) and counts."""
     with transaction(_state().sessions) as session:
-        views = destination_views(session=session, settings=_state().settings)
+        views = destination_views(
+            session=session, settings=_state().settings, headroom=known_headroom(_state())
+        )
     return jsonify(views), 200
+
+
+def known_headroom(state: Any) -> dict[str, dict[str, float]]:
+    """Each destination's newest rate-limit headroom; empty when Redis cannot say."""
+    try:
+        return read_headroom(state.waker.redis, state.settings, list(state.settings.destinations))
+    except Exception as error:  # no Redis (or the embedded default): the headroom is unknown
+        log.warning("admin: rate-limit headroom not readable (%s)", type(error).__name__)
+        return {}
 
 
 @blueprint.post("/admin/destinations/<name>/pause")

@@ -42,13 +42,13 @@ from wtforms import PasswordField
 from wtforms.validators import DataRequired
 
 from idsync.settings import Settings
-from ingest.admin import delivery_filter, find_delivery, shown_detail
+from ingest.admin import delivery_filter, find_delivery, known_headroom, shown_detail
 from ingest.auth import secret_matches
 from models.commands import destination_states, replay
 from models.db import transaction
 from models.queries import counts_by_status, list_deliveries
 from models.tables import FINISHED, DeliveryStatus
-from models.views import delivery_view, destination_view
+from models.views import delivery_view, destination_view, headroom_text
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("admin_page", __name__, template_folder="templates")
@@ -232,8 +232,15 @@ def index() -> ResponseReturnValue:
         if item is not None:
             rows, next_cursor = list_deliveries(session=db, filter=item)
             deliveries = [delivery_view(row) for row in rows]
+    headroom = known_headroom(_state())
     destinations = [
-        destination_view(name, states.get(name), counts.get(name, {}), missing=_missing(name))
+        destination_view(
+            name,
+            states.get(name),
+            counts.get(name, {}),
+            missing=_missing(name),
+            headroom=headroom.get(name),
+        )
         for name in _destinations(counts)
     ]
     return _render(
@@ -371,3 +378,9 @@ def _admin_time(value: str | None) -> str:
         return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
     except ValueError:
         return value
+
+
+@blueprint.app_template_filter("headroom")
+def _headroom(value: dict[str, float] | None) -> str:
+    """A destination's rate-limit headroom in a few words (``-``: none reported)."""
+    return headroom_text(value)

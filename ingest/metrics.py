@@ -37,7 +37,7 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from idsync.destinations import headroom_key
+from idsync.destinations import read_headroom
 from idsync.settings import Settings
 from models.db import db_now
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, DestinationState
@@ -60,17 +60,14 @@ ATTEMPT_BUCKETS_SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 SCRAPE_STATEMENT_TIMEOUT_MS = 5000
 
 UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_PROGRESS)
-RATE_LIMIT_FIELDS = {
-    # hash field written by workers -> (metric suffix, help, scale)
-    "max": ("max", "Requests the destination allows per interval, as it reported.", 1.0),
-    "remaining": (
-        "remaining",
-        "Requests left in the destination's interval (the newest any worker saw).",
-        1.0,
-    ),
-    "interval_ms": ("interval_seconds", "The destination's rate-limit interval.", 0.001),
-    "daily": ("daily_max", "Requests the destination allows per day.", 1.0),
-    "daily_remaining": ("daily_remaining", "Requests left today at the destination.", 1.0),
+RATE_LIMIT_HELP = {
+    # read_headroom's names -> help; the metric is idsync_ratelimit_<name>
+    "max": "Requests the destination allows per interval, as it reported.",
+    "remaining": "Requests left in the destination's interval (the newest any worker saw).",
+    "interval_seconds": "The destination's rate-limit interval.",
+    "daily_max": "Requests the destination allows per day.",
+    "daily_remaining": "Requests left today at the destination.",
+    "age_seconds": "Seconds since a worker last saw the destination's rate-limit headroom.",
 }
 
 
@@ -300,36 +297,19 @@ class OutboxCollector(Collector):
     def _rate_limit_metrics(self) -> Iterable[Metric]:
         if self.redis is None:
             return []
-        names = list(self.settings.destinations)
         try:
-            pipeline = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipeline.hgetall(headroom_key(self.settings, name))
-            pipeline.time()
-            *stored, (seconds, microseconds) = pipeline.execute()
+            headroom = read_headroom(self.redis, self.settings, list(self.settings.destinations))
         except Exception as error:  # no Redis: the headroom is unknown, not an error
             log.warning("metrics: rate-limit headroom not readable (%s)", type(error).__name__)
             return []
         families = {
-            field: GaugeMetricFamily(
-                f"idsync_ratelimit_{suffix}", help_text, labels=["destination"]
-            )
-            for field, (suffix, help_text, _scale) in RATE_LIMIT_FIELDS.items()
+            shown: GaugeMetricFamily(f"idsync_ratelimit_{shown}", help_text, labels=["destination"])
+            for shown, help_text in RATE_LIMIT_HELP.items()
         }
-        age = GaugeMetricFamily(
-            "idsync_ratelimit_age_seconds",
-            "Seconds since a worker last saw the destination's rate-limit headroom.",
-            labels=["destination"],
-        )
-        now = seconds + microseconds / 1e6
-        for name, hash_ in zip(names, stored, strict=True):
-            values = {key.decode(): value.decode() for key, value in hash_.items()}
-            for key, (_suffix, _help, scale) in RATE_LIMIT_FIELDS.items():
-                if key in values:
-                    families[key].add_metric([name], float(values[key]) * scale)
-            if "updated_at" in values:
-                age.add_metric([name], max(0.0, now - float(values["updated_at"])))
-        return [family for family in [*families.values(), age] if family.samples]
+        for name, figures in sorted(headroom.items()):
+            for shown, value in figures.items():
+                families[shown].add_metric([name], value)
+        return [family for family in families.values() if family.samples]
 
 
 def _seconds_between(earlier: datetime | None, now: datetime) -> float:

@@ -146,11 +146,14 @@ def destination_view(
     counts: Mapping[str, int] | None = None,
     *,
     missing: str | None = None,
+    headroom: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """A destination's pause state (who paused it, why, since when) and its counts.
+    """A destination's pause state (who paused it, why, since when), counts and headroom.
 
     ``missing`` is what its settings still lack (a token, a URL): it is paused by
-    configuration then, whatever the stored state says.
+    configuration then, whatever the stored state says. ``headroom`` is the newest
+    rate-limit headroom it reported (``idsync.destinations.read_headroom``); None
+    when it reports none or it is unknown.
     """
     view: dict[str, Any] = {
         "name": name,
@@ -170,11 +173,17 @@ def destination_view(
         }
     if counts is not None:
         view["deliveries"] = dict(counts)
+    view["rate_limit"] = dict(headroom) if headroom else None
     return view
 
 
-def destination_views(*, session: Session, settings: Settings) -> list[dict[str, Any]]:
-    """Every configured destination's view, with what its settings lack and its counts."""
+def destination_views(
+    *,
+    session: Session,
+    settings: Settings,
+    headroom: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every configured destination's view: what its settings lack, counts, headroom."""
     states = destination_states(session=session)
     counts = counts_by_status(session=session)
     return [
@@ -183,9 +192,32 @@ def destination_views(*, session: Session, settings: Settings) -> list[dict[str,
             states.get(name),
             counts.get(name, {}),
             missing=settings.destination(name).missing(),
+            headroom=(headroom or {}).get(name),
         )
         for name in settings.destinations
     ]
+
+
+def headroom_text(headroom: Mapping[str, float] | None) -> str:
+    """A rate-limit headroom in a few words: ``87/100 per 10 s; 249,000/250,000 today``."""
+    if not headroom:
+        return "-"
+    parts = []
+    if "remaining" in headroom or "max" in headroom:
+        window = headroom.get("interval_seconds")
+        per = f" per {headroom['interval_seconds']:g} s" if window else ""
+        parts.append(f"{_figure(headroom.get('remaining'))}/{_figure(headroom.get('max'))}{per}")
+    if "daily_remaining" in headroom or "daily_max" in headroom:
+        parts.append(
+            f"{_figure(headroom.get('daily_remaining'))}/{_figure(headroom.get('daily_max'))} today"
+        )
+    if "age_seconds" in headroom:
+        parts.append(f"seen {headroom['age_seconds']:.0f} s ago")
+    return "; ".join(parts) or "-"
+
+
+def _figure(value: float | None) -> str:
+    return "?" if value is None else f"{value:,.0f}"
 
 
 def replay_view(result: ReplayResult, *, dry_run: bool) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from models.tables import Delivery, DeliveryStatus, DestinationState
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
 from workers.delivery import run_batch
+from workers.destinations.base import Headroom
+from workers.metrics import HeadroomReporter
 
 ADMIN_TOKEN = "admin-secret-token"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -254,4 +256,28 @@ def test_destinations_lists_each_with_its_state_and_counts(pipeline: Pipeline) -
     [view] = response.json
     assert (view["name"], view["paused"], view["paused_by"]) == ("hubspot", True, "operator")
     assert view["deliveries"] == {"failed": 1, "succeeded": 1}  # as failed_delivery leaves it
+    assert view["rate_limit"] is None  # no worker has reported HubSpot's headroom yet
     assert pipeline.client.get("/admin/destinations").status_code == 401
+
+
+def test_destinations_show_the_headroom_workers_reported(pipeline: Pipeline) -> None:
+    reporter = HeadroomReporter.from_settings(pipeline.settings, "hubspot")
+    assert reporter is not None
+    try:
+        reporter(
+            Headroom(
+                max=100, remaining=87, interval_ms=10_000, daily=250_000, daily_remaining=249_000
+            )
+        )
+        [view] = get(pipeline, "/admin/destinations").json
+        headroom = view["rate_limit"]
+        assert {key: headroom[key] for key in headroom if key != "age_seconds"} == {
+            "max": 100,
+            "remaining": 87,
+            "interval_seconds": 10,
+            "daily_max": 250_000,
+            "daily_remaining": 249_000,
+        }
+        assert 0 <= headroom["age_seconds"] < 60
+    finally:
+        reporter.client.delete(reporter.key)

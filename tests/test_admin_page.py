@@ -29,6 +29,8 @@ from ingest import create_app
 from models.tables import Delivery, DeliveryStatus
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
+from workers.destinations.base import Headroom
+from workers.metrics import HeadroomReporter
 
 ADMIN_TOKEN = "admin-secret-token"
 SECRET_KEY = "admin-page-secret-key-for-tests"
@@ -41,8 +43,9 @@ _CSRF = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 class RecordingWaker:
     """Stands in for the ingest's Waker: remembers which destinations were woken."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis: Any = None) -> None:
         self.woken: list[str] = []
+        self.redis = redis  # where the page reads the rate-limit headroom
 
     def wake(self, destination: str) -> bool:
         self.woken.append(destination)
@@ -61,7 +64,8 @@ def admin_pipeline(
         }
     )
     pipe = Pipeline(configured, sessions, hubspot)
-    pipe.app.extensions["idsync"].waker = RecordingWaker()
+    waker = pipe.app.extensions["idsync"].waker
+    pipe.app.extensions["idsync"].waker = RecordingWaker(getattr(waker, "redis", None))
     return pipe
 
 
@@ -310,6 +314,23 @@ def test_index_counts_by_status_and_filters_like_the_cli(pipeline: Pipeline) -> 
     assert ids({"until": "2000-01-01"}) == []
     bad = pipeline.client.get("/admin/", query_string={"status": "lost"})
     assert bad.status_code == 400 and "unknown status" in text_of(bad)
+
+
+def test_index_shows_the_headroom_workers_reported(pipeline: Pipeline) -> None:
+    sign_in(pipeline)
+    assert re.search(r'<td class="muted">-</td>', text_of(pipeline.client.get("/admin/")))
+    reporter = HeadroomReporter.from_settings(pipeline.settings, "hubspot")
+    assert reporter is not None
+    try:
+        reporter(
+            Headroom(
+                max=100, remaining=87, interval_ms=10_000, daily=250_000, daily_remaining=249_000
+            )
+        )
+        index = text_of(pipeline.client.get("/admin/"))
+        assert "87/100 per 10 s; 249,000/250,000 today; seen 0 s ago" in index
+    finally:
+        reporter.client.delete(reporter.key)
 
 
 def test_the_list_pages_with_an_older_link(pipeline: Pipeline) -> None:

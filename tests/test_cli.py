@@ -24,6 +24,8 @@ from models.tables import Delivery, DeliveryStatus, Event
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event
 from tests.pipeline import Pipeline
+from workers.destinations.base import Headroom
+from workers.metrics import HeadroomReporter
 
 ADMIN_TOKEN = "admin-secret-token"
 
@@ -284,6 +286,23 @@ def test_unreachable_database_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
     result = idsync("deliveries")
     assert result.exit_code == 1 and "cannot reach the outbox database" in result.stderr
+
+
+def test_destinations_list_shows_the_headroom_workers_reported(
+    env: dict[str, str], settings: Settings
+) -> None:
+    reporter = HeadroomReporter.from_settings(settings, "hubspot")
+    assert reporter is not None
+    try:
+        assert as_json(idsync("destinations", "list", "--json"))[0]["rate_limit"] is None
+        reporter(
+            Headroom(max=190, remaining=12, interval_ms=10_000, daily=None, daily_remaining=None)
+        )
+        [view] = as_json(idsync("destinations", "list", "--json"))
+        assert (view["rate_limit"]["max"], view["rate_limit"]["remaining"]) == (190, 12)
+        assert "12/190 per 10 s; seen 0 s ago" in idsync("destinations", "list").stdout
+    finally:
+        reporter.client.delete(reporter.key)
 
 
 def test_destinations_list_shows_every_destination_and_what_it_lacks(
