@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -199,3 +200,17 @@ def test_connections_are_kept_alive(receiver: FakeWebhookReceiver) -> None:
             body, headers = signed(MESSAGE, f"msg_{number}")
             assert session.post(receiver.url, data=body, headers=headers, timeout=5).ok
     assert receiver.connections_opened == 1
+
+
+def test_answers_leave_at_once_without_waiting_for_an_ack(receiver: FakeWebhookReceiver) -> None:
+    """Headers and body are two sends: with Nagle on, each answer waits ~40 ms for an ACK."""
+    with requests.Session() as session:
+        body, headers = signed(MESSAGE, "msg_nodelay")
+        assert session.post(receiver.url, data=body, headers=headers, timeout=5).ok
+        server = receiver._server
+        assert server is not None
+        with server.connections_lock:
+            open_sockets = list(server.connections)
+        assert open_sockets, "the kept-alive connection is still open"
+        for connection in open_sockets:
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
