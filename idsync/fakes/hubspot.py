@@ -22,7 +22,6 @@ import itertools
 import json
 import random
 import re
-import signal
 import threading
 import time
 import uuid
@@ -31,12 +30,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 from flask import Flask, Response, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from idsync.fakes.server import FakeServer, run_until_signal
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROPERTIES = "/crm/v3/properties/contacts"
@@ -438,11 +437,6 @@ class _Stale(Exception):
     """A request admitted before ``reset()``: it must not touch the new generation."""
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Tests make thousands of requests; one access-log line each is noise."""
-
-
 def _json_body() -> dict[str, Any]:
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
@@ -508,8 +502,10 @@ _BATCH_WRITES: dict[str, _BatchWrite] = {
 }
 
 
-class FakeHubSpot:
+class FakeHubSpot(FakeServer):
     """A HubSpot contacts API on 127.0.0.1 with switches for tests; use as a context manager."""
+
+    label = "fake HubSpot"
 
     def __init__(
         self,
@@ -521,57 +517,21 @@ class FakeHubSpot:
         *,
         properties: Iterable[str] = DEFAULT_PROPERTIES,
     ) -> None:
+        super().__init__(port)
         self._initial = (token, rate_limit, window_seconds, daily_limit, frozenset(properties))
-        self._port = port
         self._lock = threading.Lock()
         self._wake = threading.Event()  # set to cut the current holds short
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
         self._generation = 0
         self._in_flight: Counter[int] = Counter()  # generation -> requests being handled
         self.app = self._build_app()
         self.reset()
 
-    # Lifecycle
+    # Lifecycle (start, stop, url and ``with`` come from FakeServer)
 
-    def start(self) -> FakeHubSpot:
-        """Serve in a background thread; ``url`` is valid afterwards."""
-        if self._server is not None:
-            raise RuntimeError("the fake HubSpot is already running")
-        self._server = make_server(
-            "127.0.0.1", self._port, self.app, threaded=True, request_handler=_QuietHandler
-        )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; held (late) requests in flight are cut short."""
-        if self._server is None or self._thread is None:
-            return
+    def before_stop(self) -> None:
+        """Held (late) requests in flight are cut short."""
         with self._lock:
             self._wake_holds()
-        self._server.shutdown()
-        self._thread.join()
-        self._server.server_close()
-        self._server = self._thread = None
-
-    @property
-    def url(self) -> str:
-        """Base URL to give a client, e.g. ``http://127.0.0.1:PORT``."""
-        if self._server is None:
-            raise RuntimeError("the fake HubSpot is not running; call start() first")
-        return f"http://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> FakeHubSpot:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # Test switches
 
@@ -1143,15 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=10.0, help="window in seconds")
     parser.add_argument("--daily-limit", type=int, default=250000)
     args = parser.parse_args(argv)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    fake = FakeHubSpot(args.token, args.rate_limit, args.window, args.daily_limit, args.port)
-    with fake:
-        print(fake.url, flush=True)
-        while not stop.wait(0.5):
-            pass
-    return 0
+    return run_until_signal(
+        FakeHubSpot(args.token, args.rate_limit, args.window, args.daily_limit, args.port)
+    )
 
 
 if __name__ == "__main__":
