@@ -101,8 +101,26 @@ class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
         UniqueConstraint("event_pk", "destination"),
-        # The claim scans due work of one destination in priority and time order.
+        # Counts and ages by destination and status (metrics, the admin page).
         Index("ix_deliveries_claim", "destination", "status", "priority", "next_attempt_at"),
+        # The claim reads claimable pending work in claim order, and orphans by lease
+        # expiry, as two index scans that stop after a batch: the same cost at any backlog.
+        Index(
+            "ix_deliveries_pending",
+            "destination",
+            "priority",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending' AND held IS NULL"),
+            sqlite_where=text("status = 'pending' AND held IS NULL"),
+        ),
+        Index(
+            "ix_deliveries_leased",
+            "destination",
+            "lease_expires_at",
+            postgresql_where=text("status = 'in_progress'"),
+            sqlite_where=text("status = 'in_progress'"),
+        ),
         Index("ix_deliveries_user", "destination", "source", "subject", "status"),
         Index("ix_deliveries_updated_at", "updated_at"),
         Index(
@@ -111,6 +129,14 @@ class Delivery(Base):
             "held",
             postgresql_where=text("held IS NOT NULL"),
             sqlite_where=text("held IS NOT NULL"),
+        ),
+        # The deprovision guard counts a destination's recent deprovisions.
+        Index(
+            "ix_deliveries_deprovision_counted",
+            "destination",
+            "deprovision_counted_at",
+            postgresql_where=text("deprovision_counted_at IS NOT NULL"),
+            sqlite_where=text("deprovision_counted_at IS NOT NULL"),
         ),
     )
 
@@ -140,6 +166,9 @@ class Delivery(Base):
     external_id: Mapped[str | None] = mapped_column(String(64))
     # Pending but not to be claimed until an operator releases it (``deprovision_guard``).
     held: Mapped[str | None] = mapped_column(String(32))
+    # When the deprovision guard let this delivery's deprovision through: it counts in
+    # the guard's rolling window from then on, and a retry of it is not counted again.
+    deprovision_counted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The Celery task that last claimed it: open it in Flower at /task/<task_id>.
     task_id: Mapped[str | None] = mapped_column(String(155))
     created_at: Mapped[datetime] = _now_column()
@@ -247,6 +276,30 @@ class DestinationState(Base):
     paused_by: Mapped[str | None] = mapped_column(String(20))
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # An operator released the deprovisions held for it: the guard counts anew from here.
+    deprovisions_approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ReconcileRun(Base):
+    """One reconciliation of a destination's records against the links, and its drift."""
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (Index("ix_reconcile_runs_destination", "destination", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(50))
+    started_at: Mapped[datetime] = _now_column()
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    trigger: Mapped[str] = mapped_column(String(16))  # cli, or beat
+    fix: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    checked: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Drift found: changed by hand, missing (deleted or merged), live though deprovisioned.
+    changed: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    missing: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    live_deprovisioned: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    fixed: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    unfixed: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Auth0RecoveryPass(Base):

@@ -36,6 +36,7 @@ OUTBOX_TABLES = (
     "links",
     "quarantine",
     "destination_states",
+    "reconcile_runs",
 )
 
 

@@ -36,6 +36,47 @@ def upgrade() -> None:
         postgresql_where=sa.text("held IS NOT NULL"),
         sqlite_where=sa.text("held IS NOT NULL"),
     )
+    # The deprovision guard: when it let a delivery's deprovision through (its count in
+    # the rolling window), and when an operator last approved held ones (the count restarts).
+    op.add_column(
+        "deliveries",
+        sa.Column("deprovision_counted_at", models.base.UTCDateTime(timezone=True), nullable=True),
+    )
+    op.create_index(
+        "ix_deliveries_deprovision_counted",
+        "deliveries",
+        ["destination", "deprovision_counted_at"],
+        postgresql_where=sa.text("deprovision_counted_at IS NOT NULL"),
+        sqlite_where=sa.text("deprovision_counted_at IS NOT NULL"),
+    )
+    op.add_column(
+        "destination_states",
+        sa.Column(
+            "deprovisions_approved_at", models.base.UTCDateTime(timezone=True), nullable=True
+        ),
+    )
+    op.create_table(
+        "reconcile_runs",
+        sa.Column("id", models.base.BigId, primary_key=True, autoincrement=True),
+        sa.Column("destination", sa.String(length=50), nullable=False),
+        sa.Column(
+            "started_at",
+            models.base.UTCDateTime(timezone=True),
+            server_default=sa.func.now(),
+            nullable=False,
+        ),
+        sa.Column("finished_at", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("trigger", sa.String(length=16), nullable=False),
+        sa.Column("fix", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+        sa.Column("checked", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("changed", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("missing", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("live_deprovisioned", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("fixed", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("unfixed", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+    )
+    op.create_index("ix_reconcile_runs_destination", "reconcile_runs", ["destination", "id"])
     op.create_table(
         "auth0_recovery_passes",
         sa.Column("id", models.base.BigId, primary_key=True, autoincrement=True),
@@ -64,6 +105,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_reconcile_runs_destination", table_name="reconcile_runs")
+    op.drop_table("reconcile_runs")
+    op.drop_column("destination_states", "deprovisions_approved_at")
+    op.drop_index("ix_deliveries_deprovision_counted", table_name="deliveries")
+    op.drop_column("deliveries", "deprovision_counted_at")
     op.drop_index("ix_auth0_recovery_passes_stream", table_name="auth0_recovery_passes")
     op.drop_table("auth0_recovery_passes")
     op.drop_index("ix_deliveries_held", table_name="deliveries")
