@@ -23,8 +23,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from idsync.destinations import build_adapter
+from idsync.fakes.hubspot import FakeHubSpot
 from idsync.fakes.webhook_receiver import FakeWebhookReceiver
 from idsync.settings import Settings
+from tests.events import auth0_event
+from tests.pipeline import Pipeline
 from workers.destinations.base import Intent, LinkState, UserState, Verdict
 from workers.destinations.webhook.adapter import WebhookDestination
 from workers.destinations.webhook.settings import (
@@ -274,7 +277,7 @@ def test_every_answer_maps_to_its_verdict(
     assert call.request == "POST /webhooks/idsync webhook-id=msg_1"
     assert call.status == answer.get("status")
     if verdict is Verdict.SUCCEEDED:
-        assert outcome.external_id == "auth0|1"  # no remote record: the user's id stands for it
+        assert outcome.external_id is None  # no remote record, so the link keeps none
         assert call.error_category is None
         return
     assert outcome.status_code == answer.get("status")
@@ -665,3 +668,43 @@ print("workers.destinations.webhook.adapter" in sys.modules)
         "LICENSES_SECRET is not set",
         "False",
     ]
+
+
+def test_two_tenants_users_with_one_user_id_both_reach_the_receiver(
+    settings: Settings, sessions: Any, hubspot: FakeHubSpot, receiver: FakeWebhookReceiver
+) -> None:
+    """A receiver tells users apart by (source, user_id): the link keeps no record id."""
+    configured = settings.model_copy(
+        update={
+            "destinations": ("licenses",),
+            "ingest_allowed_sources": (),
+            "destination_env": {
+                "LICENSES_KIND": "webhook",
+                "LICENSES_URL": receiver.url,
+                "LICENSES_SECRET": NEW_SECRET,
+                "LICENSES_TIMEOUT_SECONDS": str(TIMEOUT),
+                "LICENSES_CONNECT_TIMEOUT_SECONDS": str(CONNECT_TIMEOUT),
+            },
+        }
+    )
+    pipeline = Pipeline(configured, sessions, hubspot)
+    adapter = WebhookDestination(
+        "licenses",
+        make_settings(receiver.url),
+        LocalRateLimiter(limit=1000, window=1.0),
+    )
+    try:
+        for tenant in ("a", "b"):
+            event = auth0_event(
+                "user.created",
+                "auth0|same",
+                email=f"same@{tenant}.example.com",
+                source=f"urn:auth0:{tenant}.example.com",
+            )
+            assert pipeline.post(event).status_code == 202
+        pipeline.drain_with(adapter)
+    finally:
+        adapter.close()
+    assert pipeline.deliveries() == [("succeeded", None), ("succeeded", None)]
+    sources = sorted(message["data"]["source"] for message in receiver.messages())
+    assert sources == ["urn:auth0:a.example.com", "urn:auth0:b.example.com"]

@@ -333,11 +333,12 @@ class WebhookDestination:
         return max(MIN_THROTTLE_SECONDS, self.settings.rate[1])
 
     def _success(self, intent: Intent, message: Message, *, reason: str | None = None) -> Outcome:
-        # A webhook leaves no record id behind: the user's id stands for it.
+        # A webhook leaves no record id behind, so the link keeps none: the receiver tells
+        # users apart by (source, user_id), and two tenants' users may share a user_id.
         return Outcome(
             Verdict.SUCCEEDED,
             reason=reason,
-            external_id=intent.user.subject,
+            external_id=None,
             properties_hash=message.properties_hash,
             email=intent.user.email,
             deprovisioned=intent.user.deprovisioned,
