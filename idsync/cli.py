@@ -55,7 +55,7 @@ from models.views import (
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """idsync: Auth0 user events to HubSpot contacts, through a SQL outbox.
+    """idsync: Auth0 user events to HubSpot, webhooks and more, through a SQL outbox.
 
     \b
     Examples:

@@ -76,7 +76,7 @@ def metrics() -> Response:
 
 
 def _redis_or_none(state: Any) -> Any:
-    """The waker's Redis client (short timeouts), where HubSpot's headroom is kept."""
+    """The waker's Redis client (short timeouts), where destinations' headroom is kept."""
     try:
         return state.waker.redis
     except Exception as error:  # a bad REDIS_URL only hides the headroom

@@ -8,7 +8,7 @@ Two kinds of numbers:
   does not reset them.
 - The state of the outbox, read at scrape time by :class:`OutboxCollector`
   from the database and Redis, which every process on every machine shares:
-  backlog, oldest pending delivery, pauses, recent attempts and HubSpot's
+  backlog, oldest pending delivery, pauses, recent attempts and each destination's
   rate-limit headroom. Nothing of it is kept in process memory, so no process
   can report a stale value, and every ingest process reports the same numbers
   (aggregate them across instances with ``max``, not ``sum``).
@@ -118,7 +118,7 @@ class _AttemptFigures:
 
 
 class OutboxCollector(Collector):
-    """Reads the outbox and HubSpot's headroom at scrape time; register it per scrape."""
+    """Reads the outbox and the destinations' headroom at scrape time; register it per scrape."""
 
     def __init__(
         self, *, sessions: sessionmaker[Session], settings: Settings, redis: Any = None
