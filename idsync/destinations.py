@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "hubspot": "workers.destinations.hubspot",
     "webhook": "workers.destinations.webhook",
+    "segment": "workers.destinations.segment",
 }
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 LOOPBACK_HTTP = re.compile(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
