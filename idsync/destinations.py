@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from idsync.settings import Settings
 
 KINDS: dict[str, str] = {
+    "braze": "workers.destinations.braze",
     "hubspot": "workers.destinations.hubspot",
     "webhook": "workers.destinations.webhook",
     "segment": "workers.destinations.segment",
