@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from idsync.destinations import NAME, DestinationConfig, load_config
+from idsync.destinations import NAME, DestinationConfig, check_url, load_config
 
 EMBEDDED_DATABASE_URL = "sqlite:///idsync.db"
 EMBEDDED_BROKER_URL = "sqla+sqlite:///idsync-broker.db"
@@ -50,6 +50,35 @@ def parse_rate_limit(text: str) -> tuple[int, float]:
     if not count.strip().isdigit() or not window:
         raise ValueError(f"not a rate limit: {text!r} (write e.g. 100/10s)")
     return int(count), parse_duration(window)
+
+
+def parse_guard(text: str, variable: str) -> tuple[int, float] | None:
+    """``"100/1h"`` -> (100 deprovisions, 3600.0 seconds); ``"off"`` -> None."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        count, window = parse_rate_limit(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{variable}={text!r} is not a guard: write e.g. 100/1h (at most 100 "
+            "deprovisions per hour, the rest held for approval) or off"
+        ) from None
+    if count < 1 or window <= 0:
+        raise ValueError(f"{variable}={text!r} needs at least 1 deprovision per window")
+    return count, window
+
+
+def parse_interval(text: str, variable: str) -> float | None:
+    """``"6h"`` -> 21600.0 seconds; ``"off"`` -> None (the job is not scheduled)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not an interval: write e.g. 6h, or off") from None
+    if seconds <= 0:
+        raise ValueError(f"{variable}={text!r} must be longer than 0, or off")
+    return seconds
 
 
 def _split(value: object) -> tuple[str, ...]:
@@ -101,8 +130,25 @@ class Settings(BaseSettings):
     max_reclaims: int = 3
     retention_days: int = 30
     retention_delete_days: int = 365
+    # Most deprovisions a destination may send per rolling window before the rest are
+    # held for an operator's approval (``100/1h``; ``off`` disables the guard).
+    deprovision_guard: str = "100/1h"
+    # How often beat reconciles every readable destination (``6h``; ``off``: never).
+    reconcile_interval: str = "off"
     publish_timeout_seconds: float = 0.5
     flower_url: str | None = None
+    # Auth0 Management API access, for recovery of failed deliveries and backfill.
+    auth0_domain: str | None = None
+    auth0_client_id: str | None = None
+    auth0_client_secret: str | None = None
+    auth0_event_stream_id: str | None = None
+    auth0_mgmt_base_url: str | None = None
+    auth0_recovery_interval: str = "5m"
+    # How long after an event's time a recovery pass leaves it to Auth0's own retries.
+    auth0_recovery_lag: str = "60s"
+    # How far back a pass reads again windows whose redelivery may not have got through.
+    auth0_recovery_recheck: str = "6h"
+    auth0_event_source: str | None = None
     # Every <NAME>_* variable of a configured destination, read from the environment.
     destination_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
@@ -125,6 +171,25 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: object) -> tuple[str, ...]:
         return _split(value)
 
+    @field_validator("deprovision_guard")
+    @classmethod
+    def _guard(cls, value: str) -> str:
+        parse_guard(value, "DEPROVISION_GUARD")
+        return value.strip()
+
+    @field_validator("reconcile_interval")
+    @classmethod
+    def _reconcile_interval(cls, value: str) -> str:
+        parse_interval(value, "RECONCILE_INTERVAL")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _destination_guards(self) -> Settings:
+        # A mistyped <NAME>_DEPROVISION_GUARD stops start-up, not the first deprovision.
+        for name in self.destinations:
+            self.deprovision_guard_of(name)
+        return self
+
     @field_validator("destinations")
     @classmethod
     def _destination_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -145,6 +210,17 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("RETRY_SCHEDULE needs at least one delay, e.g. 5s,1m,10m")
         return value
+
+    @field_validator("auth0_recovery_interval", "auth0_recovery_lag", "auth0_recovery_recheck")
+    @classmethod
+    def _auth0_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("auth0_mgmt_base_url")
+    @classmethod
+    def _auth0_base_url(cls, value: str | None) -> str | None:
+        return check_url("AUTH0_MGMT_BASE_URL", value.rstrip("/") if value else None)
 
     @model_validator(mode="after")
     def _lease_outlasts_calls(self) -> Settings:
@@ -185,9 +261,23 @@ class Settings(BaseSettings):
         return load_config(name, env)
 
     @property
+    def auth0_base_url(self) -> str | None:
+        """Where the Management API answers: ``AUTH0_MGMT_BASE_URL`` or ``https://{AUTH0_DOMAIN}``."""
+        if self.auth0_mgmt_base_url:
+            return self.auth0_mgmt_base_url
+        return f"https://{self.auth0_domain}" if self.auth0_domain else None
+
+    @property
+    def auth0_source(self) -> str | None:
+        """The CloudEvent ``source`` of the stream's events: ``urn:auth0:{AUTH0_DOMAIN}``."""
+        if self.auth0_event_source:
+            return self.auth0_event_source
+        return f"urn:auth0:{self.auth0_domain}" if self.auth0_domain else None
+
+    @property
     def secrets(self) -> list[str | None]:
         """Every secret a log line must never show: tokens, keys, destinations' credentials."""
-        own = [*self.ingest_token, self.admin_token, self.secret_key]
+        own = [*self.ingest_token, self.admin_token, self.secret_key, self.auth0_client_secret]
         return own + [secret for config in self.destination_configs for secret in config.secrets()]
 
     @property
@@ -226,3 +316,19 @@ class Settings(BaseSettings):
     @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.lease_seconds)
+
+    def deprovision_guard_of(self, name: str) -> tuple[int, float] | None:
+        """Destination ``name``'s guard: ``<NAME>_DEPROVISION_GUARD``, else ``DEPROVISION_GUARD``.
+
+        (most deprovisions, window seconds), or None when the guard is off for it.
+        """
+        variable = f"{name.upper()}_DEPROVISION_GUARD"
+        own = self.destination_env.get(variable)
+        if own is not None:
+            return parse_guard(own, variable)
+        return parse_guard(self.deprovision_guard, "DEPROVISION_GUARD")
+
+    @property
+    def reconcile_seconds(self) -> float | None:
+        """``RECONCILE_INTERVAL`` in seconds; None when reconciliation is not scheduled."""
+        return parse_interval(self.reconcile_interval, "RECONCILE_INTERVAL")
