@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from idsync.logs import scrub
 from idsync.settings import Settings
 from models.db import db_now, transaction
+from models.guard import Deprovision, hold_excess
 from models.outbox import (
     DELIVERY_STATE,
     LINK_STATE,
@@ -176,6 +177,9 @@ def run_batch(
                 outcomes[str(plan.newest.id)] = asked
             else:
                 intents.append(asked)
+    intents = _guard_deprovisions(sessions, settings, destination.name, claim, plans, intents)
+    if len(claim.users) < report.users:
+        report.count("held:deprovision_guard", report.users - len(claim.users))
     holds = _ContactHolds(sessions, claim, plans)
     if intents:
         outcomes |= _deliver(destination, intents, holds, deadline)
@@ -208,6 +212,75 @@ def run_batch(
         recorder.flush(session, claim.token)
         _pause_if_asked(session, settings, destination.name, outcomes)
     return report
+
+
+def is_deprovision(intent: Intent) -> bool:
+    """Whether sending ``intent`` deprovisions someone at the destination.
+
+    A live link turning deprovisioned, or an unlinked user with an email, whom
+    the destination would look up and then archive or mark. A link already
+    deprovisioned sends nothing new, and a user with no link and no email
+    cannot be found.
+    """
+    user, link = intent.user, intent.link
+    if not user.deprovisioned or (link.deprovisioned and link.external_id):
+        return False
+    return bool(link.external_id or user.email or user.previous_email)
+
+
+def _guard_deprovisions(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    name: str,
+    claim: Claim,
+    plans: list[_UserPlan],
+    intents: list[Intent],
+) -> list[Intent]:
+    """The intents the deprovision guard lets through (``models/guard.py``).
+
+    Users whose deprovision exceeds ``DEPROVISION_GUARD`` leave the batch:
+    their deliveries wait, held, and their link is released; ``plans`` and
+    ``claim.users`` lose them, so nothing is recorded for them here.
+    """
+    limit = settings.deprovision_guard_of(name)
+    if limit is None:
+        return intents
+    plan_of = {str(plan.newest.id): plan for plan in plans if plan.newest is not None}
+    deprovisions = [
+        Deprovision(
+            delivery_id=int(intent.key),
+            link_id=plan_of[intent.key].work.link.id,
+            delivery_ids=tuple(
+                d.id for d in plan_of[intent.key].work.deliveries + plan_of[intent.key].work.lost
+            ),
+        )
+        for intent in intents
+        if is_deprovision(intent)
+    ]
+    if not deprovisions:
+        return intents
+    with transaction(sessions) as session:
+        held = hold_excess(
+            session=session,
+            destination=name,
+            token=claim.token,
+            limit=limit[0],
+            window_seconds=limit[1],
+            deprovisions=deprovisions,
+        )
+    if not held:
+        return intents
+    log.warning(
+        "deprovision guard: holding %d deprovisions to %s for approval "
+        "(idsync destinations approve-deprovisions %s)",
+        len(held),
+        name,
+        name,
+    )
+    for key in map(str, held):
+        plans.remove(plan_of[key])
+        claim.users.remove(plan_of[key].work)
+    return [intent for intent in intents if int(intent.key) not in held]
 
 
 def _deliver(
