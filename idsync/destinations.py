@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "braze": "workers.destinations.braze",
     "hubspot": "workers.destinations.hubspot",
+    "salesforce": "workers.destinations.salesforce",
     "webhook": "workers.destinations.webhook",
     "segment": "workers.destinations.segment",
 }
