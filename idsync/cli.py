@@ -691,3 +691,8 @@ def resume_command(name: str) -> None:
             resume_destination(session=session, name=_configured(settings, name))
         _wake(settings, [name])
     _out().print(f"Resumed {name}.")
+
+
+from idsync.auth0.backfill_commands import backfill  # noqa: E402 - registered last
+
+main.add_command(backfill)
