@@ -84,7 +84,7 @@ def test_a_batch_is_accepted_with_200_success_and_traits_merge_in_arrival_order(
         "firstName": None,
         "lastName": "Lee",
     }
-    assert records["u1"]["identifies"] == [
+    assert [i["traits"] for i in records["u1"]["identifies"]] == [
         {"email": "a@example.com", "firstName": "Ann"},
         {"firstName": None, "lastName": "Lee"},
     ]

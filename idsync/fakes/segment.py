@@ -21,7 +21,8 @@ It behaves like the parts of Segment's HTTP API idsync relies on
   ``Retry-After`` and ``X-RateLimit-Reset`` in seconds ("Rate limits").
 
 Per ``userId`` it keeps the traits merged in arrival order (a later identify
-overwrites a trait, ``null`` included), every identify's traits and every track.
+overwrites a trait, ``null`` included), every identify (``messageId``,
+``timestamp``, ``traits``) and every track.
 
 Test switches, as methods and over HTTP under ``/_fake/`` (no auth, not rate
 limited): ``reset``, ``fail`` (the next ``count`` requests answer ``status``,
@@ -68,7 +69,7 @@ class SegmentUser:
 
     user_id: str
     traits: dict[str, Any] = field(default_factory=dict)
-    identifies: list[dict[str, Any]] = field(default_factory=list)  # each message's traits
+    identifies: list[dict[str, Any]] = field(default_factory=list)  # messageId, timestamp, traits
     tracks: list[dict[str, Any]] = field(default_factory=list)  # event, properties, ids
     message_ids: list[str] = field(default_factory=list)  # applied, in arrival order
 
@@ -392,7 +393,9 @@ class FakeSegment(FakeServer):
             given = message.get("traits")
             traits: dict[str, Any] = given if isinstance(given, dict) else {}
             user.traits.update(traits)
-            user.identifies.append(dict(traits))
+            user.identifies.append(
+                {"messageId": message_id, "timestamp": message.get("timestamp"), "traits": traits}
+            )
         elif message["type"] == "track":
             user.tracks.append(
                 {
