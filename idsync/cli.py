@@ -619,6 +619,8 @@ def list_destinations(as_json: bool) -> None:
     """
     with _outbox() as (settings, sessions), transaction(sessions) as session:
         views = destination_views(session=session, settings=settings, headroom=_headroom(settings))
+        for view, held in zip(views, held_deprovisions(session, views), strict=True):
+            view["held_deprovisions"] = held
     if as_json:
         _print_json(views)
         return
@@ -635,6 +637,11 @@ def list_destinations(as_json: bool) -> None:
         if view["paused"]:
             reason = view["paused_reason"]
             state = f"paused by {view['paused_by']}" + (f": {reason}" if reason else "")
+        if view["held_deprovisions"]:
+            state += (
+                f"; {view['held_deprovisions']} deprovisions held "
+                f"(idsync destinations approve-deprovisions {view['name']})"
+            )
         table.add_row(
             _shown(view["name"]),
             _shown(state),
@@ -696,3 +703,12 @@ def resume_command(name: str) -> None:
 from idsync.auth0.backfill_commands import backfill  # noqa: E402 - registered last
 
 main.add_command(backfill)
+
+from idsync.reconcile_commands import (  # noqa: E402 - registered last
+    approve_deprovisions,
+    held_deprovisions,
+    reconcile,
+)
+
+main.add_command(reconcile)
+destinations.add_command(approve_deprovisions)

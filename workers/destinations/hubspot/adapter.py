@@ -681,6 +681,25 @@ class HubSpotDestination:
             return self._failure(error, "email_conflict")
         return _BatchAborted(error).outcome()
 
+    def record_hash(self, record: dict[str, Any], *, deprovisioned: bool) -> str:
+        """The ``properties_hash`` a link would hold for a contact read back (reconcile).
+
+        Normalised as ``desired_properties`` builds what is sent: every mapped
+        property (absent: ``""``), the email lowercased, and in ``mark`` mode the
+        mark alone for a deprovisioned user.
+        """
+        if self.config.deprovision == "mark" and deprovisioned:
+            names = [self.config.deprovision_property]
+        else:
+            names = list(dict.fromkeys(self.mapping.values()))
+            if self.config.deprovision == "mark":
+                names.append(self.config.deprovision_property)
+        properties = {name: _text(record.get(name)) for name in names}
+        email = self.mapping.get("email")
+        if email in properties:
+            properties[email] = properties[email].strip().lower()
+        return properties_hash(properties)
+
     def probe(self) -> str | None:
         """Whether HubSpot accepts the token and knows every mapped property; None when so."""
         problem = self.config.missing()
