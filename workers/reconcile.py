@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.logs import scrub
@@ -226,7 +227,7 @@ def _fix(
     client: Any = None
     try:
         for drift in report.drift:
-            why = _resync(sessions, name, drift.subject)
+            why = _resync(sessions, name, drift.subject, relive=drift.kind == "live_deprovisioned")
             if why == "purged":
                 client = client or _auth0(settings)
                 why = _reread(sessions, settings, name, drift, client)
@@ -239,14 +240,41 @@ def _fix(
             client.close()
 
 
-def _resync(sessions: sessionmaker[Session], name: str, subject: str) -> str | None:
-    """None when the user's newest state is queued again; ``purged`` or why not otherwise."""
+def _resync(
+    sessions: sessionmaker[Session], name: str, subject: str, *, relive: bool = False
+) -> str | None:
+    """None when the user's newest state is queued again; ``purged`` or why not otherwise.
+
+    ``relive``: the record is live though the link says deprovisioned. The link is
+    marked live first, so the forced deprovision is sent to the record again
+    instead of being taken as done; another user's live link on the same record
+    makes that impossible (it needs a human).
+    """
     try:
         with transaction(sessions) as session:
+            if relive:
+                _mark_live(session, name, subject)
             resync(session=session, subject=subject, destination=name)
     except NothingToResync as error:
         return "purged" if "purged" in str(error) else str(error)
+    except IntegrityError:
+        return "another user's live link holds the same record; resolve it by hand"
     return None
+
+
+def _mark_live(session: Session, name: str, subject: str) -> None:
+    now = db_now(session)
+    session.execute(
+        update(Link)
+        .where(
+            Link.destination == name,
+            Link.subject == subject,
+            Link.deprovisioned,
+            or_(Link.lease_token.is_(None), Link.lease_expires_at < now),
+        )
+        .values(deprovisioned=False)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _auth0(settings: Settings) -> Any:
