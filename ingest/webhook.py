@@ -14,23 +14,11 @@ from typing import Any
 
 import structlog
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy.exc import DataError, SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest.auth import presented_secret, secret_matches
-from ingest.validation import (
-    JSON_MEDIA_TYPES,
-    InvalidEvent,
-    NotJson,
-    clean_text,
-    parse_json,
-    quarantine_text,
-    read_envelope,
-    to_new_event,
-)
-from models.db import transaction
-from models.outbox import NewEvent, Recorded, record_event
-from models.tables import EventStatus, Quarantine
+from ingest.store import NOT_ALLOWED, UNAVAILABLE, StoreResult, quarantine, store_document
+from ingest.validation import JSON_MEDIA_TYPES, InvalidEvent, NotJson, parse_json
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("webhook", __name__)
@@ -46,40 +34,9 @@ def _reject(code: int, error: str) -> tuple[Response, int]:
 
 
 def _unavailable() -> tuple[Response, int]:
-    response, status = _reject(503, "the outbox database is unavailable; retry later")
+    response, status = _reject(503, UNAVAILABLE)
     response.headers["Retry-After"] = "1"
     return response, status
-
-
-def _column_text(value: object) -> str | None:
-    return clean_text(value)[:255] if isinstance(value, str) else None
-
-
-def _quarantine(body: bytes, reason: str, document: Any | None) -> tuple[Response, int]:
-    """Keep an authenticated body that failed validation, for operators, and answer 422."""
-    fields = document if isinstance(document, dict) else {}
-    try:
-        with transaction(current_app.extensions["idsync"].sessions) as session:
-            session.add(
-                Quarantine(
-                    reason=reason,
-                    source=_column_text(fields.get("source")),
-                    event_id=_column_text(fields.get("id")),
-                    body=quarantine_text(body, document),
-                )
-            )
-    except DataError:
-        log.exception("rejected a body (%s) and could not quarantine it", reason)
-    except SQLAlchemyError as error:
-        log.error(
-            "rejected a body (%s) but could not quarantine it: database unavailable (%s)",
-            reason,
-            type(error).__name__,
-        )
-        return _unavailable()
-    else:
-        log.warning("rejected a body and quarantined it: %s", reason)
-    return _reject(422, reason)
 
 
 def _read_body(limit: int) -> bytes:
@@ -102,14 +59,6 @@ def _read_body(limit: int) -> bytes:
     if size > limit:
         raise RequestEntityTooLarge()
     return b"".join(chunks)
-
-
-def _source_allowed(document: dict[str, Any]) -> bool:
-    allowed = current_app.extensions["idsync"].settings.ingest_allowed_sources
-    if not allowed:
-        return True
-    envelope = read_envelope(document)
-    return envelope.source in allowed or envelope.tenant in allowed
 
 
 @blueprint.post("/events/auth0")
@@ -137,49 +86,29 @@ def receive_auth0_event() -> tuple[Response, int]:
     except NotJson:
         return _reject(400, "the body is not valid JSON")
     except InvalidEvent as error:
-        return _quarantine(body, str(error), None)
-    try:
-        if not _source_allowed(document):
-            return _reject(403, "this event source is not in INGEST_ALLOWED_SOURCES")
-        event = to_new_event(document, body)
-        structlog.contextvars.bind_contextvars(event_id=event.event_id)
-    except InvalidEvent as error:
-        return _quarantine(body, str(error), document)
-    return _store(event, body, document)
+        return _answer_result(quarantine(state.sessions, body, str(error), None))
+    if isinstance(document, dict) and isinstance(document.get("id"), str):
+        structlog.contextvars.bind_contextvars(event_id=document["id"])
+    result = store_document(
+        sessions=state.sessions,
+        settings=state.settings,
+        waker=state.waker,
+        document=document,
+        body=body,
+    )
+    return _answer_result(result)
 
 
-def _store(event: NewEvent, body: bytes, document: Any) -> tuple[Response, int]:
-    state = current_app.extensions["idsync"]
-    try:
-        with transaction(state.sessions) as session:
-            recorded = record_event(
-                session=session, event=event, destinations=state.settings.destinations
-            )
-    except DataError as error:
-        # Validation should have caught this value: the database refuses this body,
-        # and would refuse every retry of it, so keep it and say so.
-        code = getattr(error.orig, "sqlstate", None)
-        log.error("event %s refused by the database (SQLSTATE %s)", event.event_id, code)
-        return _quarantine(body, f"the database refused a value of this event ({code})", document)
-    except SQLAlchemyError as error:
-        log.error(
-            "event %s not stored: database unavailable (%s)", event.event_id, type(error).__name__
-        )
+def _answer_result(result: StoreResult) -> tuple[Response, int]:
+    """The webhook's answer to what storing did: 2xx only once it is committed."""
+    if result.outcome == "accepted":
+        return _answer(202, status="accepted", id=result.event_id, deliveries=result.deliveries)
+    if result.outcome == "ignored":
+        return _answer(202, status="ignored", reason=result.reason, id=result.event_id)
+    if result.outcome == "duplicate":
+        return _answer(200, status="duplicate", id=result.event_id)
+    if result.outcome == "forbidden":
+        return _reject(403, result.reason or NOT_ALLOWED)
+    if result.outcome == "unavailable":
         return _unavailable()
-    if recorded.duplicate:
-        return _duplicate(event, recorded)
-    for destination in recorded.destinations:
-        state.waker.wake(destination)
-    if event.status is EventStatus.IGNORED:
-        return _answer(202, status="ignored", reason=event.ignore_reason, id=event.event_id)
-    return _answer(202, status="accepted", id=event.event_id, deliveries=len(recorded.destinations))
-
-
-def _duplicate(event: NewEvent, recorded: Recorded) -> tuple[Response, int]:
-    if recorded.stored_sha256 != event.body_sha256:
-        log.warning(
-            "event %s from %s repeated with a different body; kept the first",
-            event.event_id,
-            event.source,
-        )
-    return _answer(200, status="duplicate", id=event.event_id)
+    return _reject(422, result.reason or "not a storable event")

@@ -27,6 +27,7 @@ from models.tables import (
     Event,
     EventStatus,
     Link,
+    ReceivedVia,
 )
 
 
@@ -71,6 +72,8 @@ class NewEvent:
     body_sha256: str
     status: EventStatus
     ignore_reason: str | None = None
+    # How it reached idsync: a ReceivedVia value (the webhook, recovery or backfill).
+    received_via: str = ReceivedVia.WEBHOOK.value
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
         "ignore_reason": event.ignore_reason,
         "body_sha256": event.body_sha256,
         "payload": event.payload,
+        "received_via": event.received_via,
     }
     connection = session.connection()
     dialect = connection.dialect.name

@@ -28,7 +28,7 @@ from werkzeug.wrappers import Response
 
 from idsync.settings import Settings
 from idsync.stack import Stack, free_port, ingest_command
-from ingest import create_app, webhook
+from ingest import create_app, store
 from models.db import transaction
 from models.ordering import order_key
 from models.outbox import NewEvent
@@ -262,12 +262,12 @@ def test_value_the_database_refuses_after_validation_is_422_not_503(
     client: FlaskClient, sessions: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The last line of defence: a DataError is the body's fault, not an outage."""
-    validate = webhook.to_new_event
+    validate = store.to_new_event
 
     def let_a_nul_through(document: dict[str, Any], body: bytes) -> NewEvent:
         return dataclasses.replace(validate(document, body), payload={"note": NUL})
 
-    monkeypatch.setattr(webhook, "to_new_event", let_a_nul_through)
+    monkeypatch.setattr(store, "to_new_event", let_a_nul_through)
     answer = post(client, encoded(event()))
     assert_quarantined(answer, sessions, naming="the database refused")
 
