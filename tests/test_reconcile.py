@@ -186,3 +186,38 @@ def test_reconcile_on_the_command_line(pipeline: Pipeline, env: None) -> None:
     assert fixed.exit_code == 0 and "Queued 1 resyncs" in fixed.stdout
     webhook = idsync("reconcile", "licenses")
     assert webhook.exit_code == 2 and "cannot be read back" in webhook.stderr
+
+
+def test_a_purged_newest_state_is_read_again_from_auth0(pipeline: Pipeline) -> None:
+    from idsync.fakes.auth0 import FakeAuth0
+
+    _users(pipeline, ["hal"])
+    contact = str(pipeline.link("auth0|hal").external_id)
+    _hubspot(pipeline, "PATCH", contact, properties={"firstname": "Hand"})
+    with transaction(pipeline.sessions) as session:
+        session.execute(update(Event).values(payload=None))
+    with FakeAuth0(domain="reconcile-test.eu.auth0.com") as auth0:
+        auth0.add_users(
+            [
+                {
+                    "user_id": "auth0|hal",
+                    "email": "hal@example.com",
+                    "given_name": "Hal",
+                    "updated_at": "2025-03-02T00:00:00.000Z",
+                }
+            ]
+        )
+        pipeline.settings = pipeline.settings.model_copy(
+            update={
+                "auth0_domain": "reconcile-test.eu.auth0.com",
+                "auth0_client_id": auth0.client_id,
+                "auth0_client_secret": auth0.client_secret,
+                "auth0_mgmt_base_url": auth0.url,
+            }
+        )
+        fixed = _run(pipeline, fix=True)
+    assert (fixed.fixed, fixed.unfixed) == (1, [])
+    pipeline.drain()
+    hal = pipeline.hubspot.contact_by_email("hal@example.com")
+    assert hal is not None and hal["id"] == contact
+    assert hal["properties"]["firstname"] == "Hal"
