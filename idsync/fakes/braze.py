@@ -89,6 +89,7 @@ class _Fault:
     kind: str  # "fail" or "slow"
     status: int = 500
     message: str | None = None
+    errors: list[dict[str, Any]] | None = None
     seconds: float = 0.0
 
 
@@ -158,9 +159,18 @@ class FakeBraze(FakeServer):
         """Answer slow requests at once, so that stopping does not wait for them."""
         self._release.set()
 
-    def fail(self, n: int, status: int = 500, message: str | None = None) -> None:
-        """The next ``n`` API requests answer ``status`` with a message; nothing is applied."""
-        self._add(n, _Fault("fail", status=status, message=message))
+    def fail(
+        self,
+        n: int,
+        status: int = 500,
+        message: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """The next ``n`` API requests answer ``status`` with a message; nothing is applied.
+
+        ``errors`` adds Braze's ``errors`` list, e.g. ``[{"type": "...", "index": 0}]``.
+        """
+        self._add(n, _Fault("fail", status=status, message=message, errors=errors))
 
     def slow(self, n: int, seconds: float) -> None:
         """The next ``n`` API requests are applied at once and answered ``seconds`` later."""
@@ -279,7 +289,7 @@ class FakeBraze(FakeServer):
     def _injected(self, fault: _Fault) -> tuple[Response, int]:
         words = {429: "API rate limit exceeded", 401: "Invalid API Key", 403: "Access Denied"}
         message = fault.message or words.get(fault.status, f"Injected failure ({fault.status})")
-        return BrazeError(fault.status, message).response()
+        return BrazeError(fault.status, message, fault.errors).response()
 
     def _admit(self, records: int) -> None:
         """Count ``records`` into the current window, or 429 when they would pass its ceiling."""
