@@ -466,6 +466,7 @@ def test_a_write_that_timed_out_is_uncertain_and_lands_once(
         destination, intent("4", user("auth0|3", name="Cee"), LinkState(uncertain=True))
     )["4"]
     assert found.verdict is Verdict.SUCCEEDED
+    assert "by Auth0_User_Id__c" in found.calls[0].request  # looked up before writing
     assert [r["Auth0_User_Id__c"] for r in fake.records("Contact")] == ["auth0|1", "auth0|3"]
 
 
