@@ -44,6 +44,12 @@ def celery_config(settings: Settings, *, publisher: bool = False) -> dict[str, A
             "purge": {"task": "idsync.purge", "schedule": timedelta(hours=24)},
         },
     }
+    if settings.reconcile_seconds is not None:
+        # RECONCILE_INTERVAL: report drift of every readable destination (no fix).
+        config["beat_schedule"]["reconcile"] = {
+            "task": "idsync.reconcile",
+            "schedule": timedelta(seconds=settings.reconcile_seconds),
+        }
     if publisher:
         config["broker_connection_timeout"] = settings.publish_timeout_seconds
         config["broker_connection_retry"] = False

@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingest.metrics import OutboxCollector, exposition
+from models.guard import held_counts
 from models.tables import DestinationState
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,27 @@ def destination_report(settings: Any, states: dict[str, DestinationState]) -> di
     return report
 
 
+def guard_report(settings: Any, held: dict[str, int]) -> dict[str, str]:
+    """Per destination: the deprovision guard's limit, or how many deprovisions it holds.
+
+    Held deprovisions do not make /readyz fail: everything else keeps flowing.
+    """
+    report = {}
+    for name in settings.destinations:
+        limit = settings.deprovision_guard_of(name)
+        count = held.get(name, 0)
+        if count:
+            report[name] = (
+                f"holding {count} deprovisions for approval: idsync destinations "
+                f"approve-deprovisions {name}"
+            )
+        elif limit is None:
+            report[name] = "off"
+        else:
+            report[name] = f"ok (at most {limit[0]} per {limit[1]:g} s)"
+    return report
+
+
 @blueprint.get("/readyz")
 def readyz() -> tuple[Response, int]:
     """200 when the database answers; broker and destinations are reported, not required."""
@@ -54,6 +76,7 @@ def readyz() -> tuple[Response, int]:
         with state.sessions() as session:
             session.execute(text("SELECT 1"))
             states = {row.name: row for row in session.scalars(select(DestinationState))}
+            guard = guard_report(state.settings, held_counts(session=session))
     except SQLAlchemyError as error:
         return jsonify(status="unavailable", database=f"error: {type(error).__name__}"), 503
     return jsonify(
@@ -61,6 +84,7 @@ def readyz() -> tuple[Response, int]:
         database="ok",
         broker=_broker_state(state),
         destinations=destination_report(state.settings, states),
+        deprovision_guard=guard,
     ), 200
 
 

@@ -135,6 +135,7 @@ class OutboxCollector(Collector):
         try:
             with self.sessions() as session, session.begin():
                 destinations, attempts = self._read(session)
+                guard_and_drift = list(_guard_and_drift_metrics(session, self.settings))
         except SQLAlchemyError as error:
             log.warning("metrics: outbox not readable (%s)", type(error).__name__)
             up.add_metric([], 0)
@@ -144,6 +145,7 @@ class OutboxCollector(Collector):
             yield up
             yield from self._destination_metrics(destinations)
             yield from self._attempt_metrics(attempts)
+            yield from guard_and_drift
         yield from self._rate_limit_metrics()
 
     # Reading
@@ -180,6 +182,8 @@ class OutboxCollector(Collector):
             # Naming the destinations lets the claim index (destination, status, ...) answer.
             .where(Delivery.destination.in_(self.settings.destinations))
             .where(Delivery.status.in_(UNFINISHED))
+            # Held work waits for an operator, not a worker: idsync_deliveries_held shows it.
+            .where(Delivery.held.is_(None))
             .group_by(Delivery.destination)
         )
         for name, created_at, due_at in oldest:
@@ -310,6 +314,38 @@ class OutboxCollector(Collector):
             for shown, value in figures.items():
                 families[shown].add_metric([name], value)
         return [family for family in families.values() if family.samples]
+
+
+def _guard_and_drift_metrics(session: Session, settings: Settings) -> Iterable[Metric]:
+    """Deliveries the deprovision guard holds, and each destination's newest reconcile drift."""
+    from models.guard import GUARD_HOLD, held_counts
+    from models.reconcile import latest_runs
+
+    held = GaugeMetricFamily(
+        "idsync_deliveries_held",
+        "Pending deliveries held for an operator (deprovision_guard: approve with "
+        "idsync destinations approve-deprovisions), by destination.",
+        labels=["destination", "reason"],
+    )
+    counts = held_counts(session=session)
+    for name in sorted({*settings.destinations, *counts}):
+        held.add_metric([name, GUARD_HOLD], counts.get(name, 0))
+    drift = GaugeMetricFamily(
+        "idsync_reconcile_drift",
+        "Linked records that differed from idsync's links at the newest reconciliation, by kind.",
+        labels=["destination", "kind"],
+    )
+    finished = GaugeMetricFamily(
+        "idsync_reconcile_last_run_timestamp_seconds",
+        "When the newest reconciliation of the destination finished (Unix time).",
+        labels=["destination"],
+    )
+    for name, run in sorted(latest_runs(session=session).items()):
+        for kind in ("changed", "missing", "live_deprovisioned"):
+            drift.add_metric([name, kind], getattr(run, kind))
+        if run.finished_at is not None:
+            finished.add_metric([name], run.finished_at.timestamp())
+    return [held, drift, finished]
 
 
 def _seconds_between(earlier: datetime | None, now: datetime) -> float:

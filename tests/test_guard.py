@@ -261,3 +261,17 @@ def test_approve_deprovisions_on_the_command_line(pipeline: Pipeline, env: None)
     assert _live_emails(pipeline) == set()
     again = idsync("destinations", "approve-deprovisions", "hubspot", "--yes")
     assert "Nothing is held" in again.stdout
+
+
+def test_held_deprovisions_show_in_readyz_and_metrics_but_not_in_the_backlog_age(
+    pipeline: Pipeline,
+) -> None:
+    _with(pipeline, deprovision_guard="1/1h")
+    pipeline.app.extensions["idsync"].settings = pipeline.settings
+    _block(pipeline, _users(pipeline, 3))
+    _drain(pipeline)
+    ready = pipeline.client.get("/readyz").get_json()
+    assert ready["deprovision_guard"]["hubspot"].startswith("holding 2 deprovisions")
+    metrics = pipeline.client.get("/metrics").get_data(as_text=True)
+    assert 'idsync_deliveries_held{destination="hubspot",reason="deprovision_guard"} 2.0' in metrics
+    assert 'idsync_outbox_oldest_pending_age_seconds{destination="hubspot"} 0.0' in metrics

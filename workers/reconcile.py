@@ -319,14 +319,3 @@ def _record(sessions: sessionmaker[Session], run_id: int, report: ReconcileRepor
         run.fixed = report.fixed
         run.unfixed = len(report.unfixed)
         run.error = report.error
-
-
-def latest_runs(*, session: Session) -> dict[str, ReconcileRun]:
-    """Each destination's newest finished reconciliation (for metrics)."""
-    newest = (
-        select(func.max(ReconcileRun.id))
-        .where(ReconcileRun.finished_at.is_not(None))
-        .group_by(ReconcileRun.destination)
-    )
-    runs = session.scalars(select(ReconcileRun).where(ReconcileRun.id.in_(newest)))
-    return {run.destination: run for run in runs}

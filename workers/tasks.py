@@ -14,6 +14,7 @@ from idsync.logs import configure_logging
 from idsync.settings import Settings
 from idsync.wakeups import DELIVER_TASK, wakeup_key
 from models.db import transaction
+from models.guard import drop_stale_holds
 from models.outbox import has_due_work, reopen_unsettled
 from workers import app
 from workers.delivery import is_paused, run_batch
@@ -124,6 +125,7 @@ def sweep() -> None:
             probe_paused(rt, destination)
             with transaction(rt.sessions) as session:
                 reopen_unsettled(session=session, destination=destination)
+                drop_stale_holds(session=session, destination=destination)
                 due = not is_paused(session, rt.settings, destination) and has_due_work(
                     session=session, destination=destination
                 )
@@ -137,3 +139,26 @@ def purge() -> None:
     rt = runtime()
     with transaction(rt.sessions) as session:
         purge_finished(session=session, settings=rt.settings)
+
+
+@app.task(name="idsync.reconcile", ignore_result=True)
+def reconcile() -> None:
+    """RECONCILE_INTERVAL: compare every readable destination with its links (no fix)."""
+    from workers.reconcile import Unreadable
+    from workers.reconcile import reconcile as run_reconcile
+
+    rt = runtime()
+    for destination in rt.settings.destinations:
+        if rt.settings.destination(destination).missing():
+            continue  # paused for want of a setting: it cannot be read either
+        with structlog.contextvars.bound_contextvars(destination=destination):
+            try:
+                report = run_reconcile(
+                    sessions=rt.sessions,
+                    settings=rt.settings,
+                    destination=rt.destination(destination),
+                    trigger="beat",
+                )
+            except Unreadable:
+                continue  # a webhook: nothing to read back
+            log.info("reconciled", extra={"checked": report.checked, "drift": report.counts})
