@@ -311,6 +311,7 @@ def test_a_user_never_linked_and_deprovisioned_is_skipped_without_creating(
     ("code", "email"),
     [
         ("DUPLICATES_DETECTED", "jane@example.com"),
+        ("REQUIRED_FIELD_MISSING", "jane@example.com"),
         ("DUPLICATE_VALUE", "jane@example.com"),
         ("FIELD_CUSTOM_VALIDATION_EXCEPTION", "jane@example.com"),
         ("INVALID_EMAIL_ADDRESS", "not-an-email"),
@@ -332,18 +333,19 @@ def test_a_refused_record_fails_alone_with_salesforces_message(
     assert [r["Auth0_User_Id__c"] for r in fake.records("Contact")] == ["auth0|2"]
 
 
-def test_a_missing_last_name_on_a_record_fails_required_field_missing(
+def test_a_linked_record_deleted_by_hand_is_created_again_with_a_last_name(
     make: Any, fake: FakeSalesforce
 ) -> None:
-    # A linked record deleted by hand: the upsert creates it again without a last name.
     destination = make()
     first = deliver(destination, intent("1", user(email="a@example.com")))["1"]
     fake.delete_by_hand(str(first.external_id))
-    again = deliver(
-        destination, intent("2", user(email="a@example.com", given_name="A"), linked(first))
-    )
-    assert (again["2"].verdict, again["2"].reason) == (Verdict.FAILED, "required_field_missing")
-    assert "LastName" in (again["2"].message or "")
+    state = user(email="a@example.com", given_name="A")
+    again = deliver(destination, intent("2", state, linked(first)))["2"]
+    assert (again.verdict, again.created) == (Verdict.SUCCEEDED, True)
+    assert again.external_id != first.external_id
+    [record] = fake.records("Contact")
+    assert (record["Id"], record["LastName"]) == (again.external_id, "a")
+    assert [c.status for c in again.calls] == [200, 200]  # refused once, then created
 
 
 def test_a_locked_row_and_a_5xx_are_retried_with_budget(make: Any, fake: FakeSalesforce) -> None:

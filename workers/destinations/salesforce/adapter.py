@@ -351,6 +351,7 @@ class SalesforceDestination:
         if plan.lookups:
             self._adopt(plan, outcomes, claim)
         self._send(plan.upserts, outcomes, self._upsert_call)
+        self._send(self._recreates(plan.upserts, outcomes), outcomes, self._upsert_call)
         self._send(plan.updates, outcomes, self._update_call)
         self._send(plan.deletes, outcomes, self._delete_call)
 
@@ -442,6 +443,25 @@ class SalesforceDestination:
         )
         shown = f"query: Id of {self.sobject} by Email, {len(emails)} emails"
         return self.client.query(soql, shown=shown)
+
+    def _recreates(self, upserts: list[_Write], outcomes: dict[str, Outcome]) -> list[_Write]:
+        """Linked users whose record was deleted by hand: the upsert tried to create it
+        without the required fields idsync leaves out of an existing record's write.
+        They are sent once more as creates, with the fallbacks filled in."""
+        again = []
+        for write in upserts:
+            outcome = outcomes.get(write.intent.key)
+            left_out = any(name not in write.values for name in self.required)
+            if (
+                write.target
+                and left_out
+                and outcome is not None
+                and outcome.reason == "required_field_missing"
+            ):
+                del outcomes[write.intent.key]
+                values = self.desired_fields(write.intent.user)
+                again.append(self._create(write.intent, values, write.digest))
+        return again
 
     def _upsert_call(self, writes: list[_Write]) -> list[dict[str, Any]]:
         records = [w.values for w in writes]
