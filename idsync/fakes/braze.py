@@ -262,6 +262,7 @@ class FakeBraze(FakeServer):
             return None
         g.records, g.ids, g.fault, g.hold = 0, (), None, 0.0
         with self._lock:
+            g.state = self._state  # a request from before a reset stays out of the new log
             self._state.stats["requests"] += 1
             fault = self._state.faults.popleft() if self._state.faults else None
             if fault is not None and fault.kind == "fail":
@@ -320,6 +321,8 @@ class FakeBraze(FakeServer):
             self._release.wait(g.hold)
         with self._lock:
             response.headers.update(self._limit_headers())
+            if g.get("state") is not self._state:
+                return response
             self._state.stats[f"status:{response.status_code}"] += 1
             self._state.log.append(
                 RequestRecord(
