@@ -429,6 +429,8 @@ class FakeSalesforce(FakeServer):
 
     def _spend_ceiling(self, records: int) -> None:
         """The fake's records-per-second ceiling, answered like the concurrency cap."""
+        if records == 0:
+            return
         now = time.monotonic()
         while self._window and self._window[0][0] <= now - 1.0:
             self._window.popleft()
@@ -890,13 +892,14 @@ def _check_count(items: list[Any]) -> None:
 
 
 def _records_in(req: Any) -> int:
-    """How many records a request reads or writes, for the fake's per-second ceiling."""
+    """How many records a Collections call writes, deletes or reads, for the fake's
+    per-second ceiling (describe and queries count none)."""
     if req.method == "PATCH":
         body = req.get_json(force=True, silent=True)
         records = body.get("records") if isinstance(body, dict) else None
-        return max(1, len(records)) if isinstance(records, list) else 1
-    ids = req.args.get("ids")
-    return max(1, len(ids.split(","))) if ids else 1
+        return len(records) if isinstance(records, list) else 0
+    ids = req.args.get("ids") if "/composite/sobjects" in req.path else None
+    return len(ids.split(",")) if ids else 0
 
 
 def _oauth_error(error: str, description: str) -> tuple[Response, int]:
