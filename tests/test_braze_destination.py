@@ -321,8 +321,8 @@ def test_a_429_waits_for_the_reset_and_holds_back_every_worker(fake: FakeBraze, 
     outcomes = deliver(destination, *(intent(str(n), user(user_id=f"auth0|{n}")) for n in range(3)))
     assert len(fake.requests_log) == 1  # the batch stops at the first 429
     assert {(o.verdict, o.reason) for o in outcomes.values()} == {(Verdict.RETRY, "throttled")}
-    waits = {o.retry_after for o in outcomes.values()}
-    assert len(waits) == 1 and 0 < waits.pop() <= 1.5  # until X-RateLimit-Reset
+    [wait] = {o.retry_after or 0.0 for o in outcomes.values()}
+    assert 0 < wait <= 1.5  # until X-RateLimit-Reset
     assert all(not o.counts_against_budget for o in outcomes.values())
     assert not limiter.wait_for_capacity(timeout=0)
 
