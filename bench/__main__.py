@@ -23,6 +23,7 @@ from pathlib import Path
 
 import redis
 
+from bench.claims import ClaimsOptions, claims_rows, run_claims
 from bench.common import (
     PG_ADMIN_URL,
     REDIS_URL,
@@ -49,7 +50,7 @@ from bench.report import (
 )
 from bench.webhook import WebhookOptions, run_webhook
 
-BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook")
+BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook", "claims")
 UNLIMITED = 1_000_000  # requests per second: no rate limit in practice
 
 # (full run, --quick) defaults of every size and duration.
@@ -66,6 +67,9 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "quiet_wait": (30, 10),
     "isolation_users": (20_000, 1_000),
     "webhook_users": (5_000, 500),
+    "claims_depth": (1_000_000, 100_000),
+    "claims_count": (30, 10),
+    "claims_drain_seconds": (10, 3),
 }
 
 
@@ -81,7 +85,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="ingest, delivery, naive, isolation or webhook (repeat or comma-separate)",
+        help="ingest, delivery, naive, isolation, webhook or claims (repeat or comma-separate)",
     )
     parser.add_argument(
         "--out",
@@ -196,6 +200,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=50,
         help="LICENSES_BATCH_SIZE for both sides (default 50, the kind's default)",
+    )
+
+    claims = parser.add_argument_group("claims (the claim and the drain at growing backlogs)")
+    claims.add_argument(
+        "--claims-depth",
+        type=int,
+        help="pending deliveries at the deepest step, from 10,000 by tens (1000000, quick 100000)",
+    )
+    claims.add_argument("--claims-count", type=int, help="claims timed per depth (30, quick 10)")
+    claims.add_argument(
+        "--claims-drain-seconds", type=float, help="drain time per depth (10, quick 3)"
     )
 
     profile = parser.add_argument_group("profiling (instead of the benchmarks)")
@@ -435,6 +450,26 @@ class Runner:
             schema=self.schema(),
         )
         self.report.rows += webhook_rows(result)
+        self.report.notes += result.notes
+
+    def claims(self) -> None:
+        args = self.args
+        self._quiet("claims")
+        self._say(f"claims: claim time and unthrottled drain up to {args.claims_depth} pending")
+        options = ClaimsOptions(
+            max_depth=args.claims_depth,
+            claims=args.claims_count,
+            drain_seconds=args.claims_drain_seconds,
+        )
+        result = run_claims(
+            options,
+            admin_url=args.pg_admin_url,
+            redis_url=args.redis_url,
+            run_id=self.run_id,
+            workdir=self._dir("claims"),
+            schema=self.schema(),
+        )
+        self.report.rows += claims_rows(result)
         self.report.notes += result.notes
 
     def _dir(self, name: str) -> Path:
