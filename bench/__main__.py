@@ -36,6 +36,7 @@ from bench.common import (
 )
 from bench.delivery import BacklogResult, DeliveryOptions, Phase, PhaseResult, run_backlog
 from bench.ingest import IngestOptions, run_ingest
+from bench.ingest_depth import IngestDepthOptions, ingest_depth_rows, run_ingest_depth
 from bench.isolation import IsolationOptions, run_isolation
 from bench.load import WRK_MISSING
 from bench.report import (
@@ -70,6 +71,8 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "claims_depth": (1_000_000, 100_000),
     "claims_count": (30, 10),
     "claims_drain_seconds": (10, 3),
+    "claims_ingest_rounds": (3, 1),
+    "claims_ingest_seconds": (10, 3),
 }
 
 
@@ -211,6 +214,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     claims.add_argument("--claims-count", type=int, help="claims timed per depth (30, quick 10)")
     claims.add_argument(
         "--claims-drain-seconds", type=float, help="drain time per depth (10, quick 3)"
+    )
+    claims.add_argument(
+        "--claims-ingest-rounds",
+        type=int,
+        help="rounds of the store path on the empty and the full outbox (3, quick 1)",
+    )
+    claims.add_argument(
+        "--claims-ingest-seconds", type=float, help="seconds per such round (10, quick 3)"
     )
 
     profile = parser.add_argument_group("profiling (instead of the benchmarks)")
@@ -471,6 +482,18 @@ class Runner:
         )
         self.report.rows += claims_rows(result)
         self.report.notes += result.notes
+        self._say(f"claims: the store path with {args.claims_depth} events stored, against empty")
+        depth = run_ingest_depth(
+            IngestDepthOptions(
+                stored=args.claims_depth,
+                rounds=args.claims_ingest_rounds,
+                round_seconds=args.claims_ingest_seconds,
+            ),
+            admin_url=args.pg_admin_url,
+            run_id=self.run_id,
+            schema=self.schema(),
+        )
+        self.report.rows += ingest_depth_rows(depth)
 
     def _dir(self, name: str) -> Path:
         path = self.workdir / name
