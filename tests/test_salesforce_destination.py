@@ -220,6 +220,22 @@ def test_a_contact_found_by_email_is_claimed_and_gets_the_external_id(
     assert len(fake.records("Contact")) == 1
 
 
+def test_an_adoption_refused_half_way_is_healed_not_duplicated(
+    make: Any, fake: FakeSalesforce
+) -> None:
+    existing = fake.seed("Contact", {"Email": "jane@example.com", "LastName": "Sales"})
+    fake.record_error("FIELD_CUSTOM_VALIDATION_EXCEPTION", existing)
+    destination = make()
+    refused = deliver(destination, intent("1", user(email="jane@example.com")))["1"]
+    assert refused.reason == "field_custom_validation_exception"
+    # The claim left the link on the record, which has no External ID yet.
+    again = deliver(destination, intent("2", user(email="jane@example.com"), LinkState(existing)))
+    assert again["2"].external_id == existing
+    [record] = fake.records("Contact")
+    assert record["Auth0_User_Id__c"] == "auth0|1"
+    assert again["2"].calls[-1].request == "PATCH /services/data/v62.0/composite/sobjects"
+
+
 def test_the_previous_email_finds_the_contact_after_an_email_change(
     make: Any, fake: FakeSalesforce
 ) -> None:

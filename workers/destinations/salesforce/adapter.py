@@ -3,9 +3,11 @@
 The rules (docs/destinations/salesforce.md; facts from ``shared/reference/destinations.md``
 and developer.salesforce.com, cited where used):
 
-- Every live user is written with an sObject Collections upsert keyed by the
-  External ID field that holds the Auth0 ``user_id``: a repeated or late write
-  finds the same record, and an email change follows the person.
+- A new user is created with an sObject Collections upsert keyed by the External
+  ID field that holds the Auth0 ``user_id``: a repeated or late create finds the
+  same record. A linked user is updated by the record's ``Id`` (the External ID
+  written again with it), so an email change follows the person; a linked
+  record deleted in Salesforce is created again.
 - A user with no link yet first looks for a record the sales team made: one
   with the user's email and an empty External ID. One match is claimed and
   updated by its ``Id`` with the External ID set (so the next upsert finds it);
@@ -273,8 +275,10 @@ class SalesforceDestination:
         if record_id and not link.deprovisioned and _unchanged(intent, digest):
             outcomes[intent.key] = Outcome(Verdict.SKIPPED, reason="unchanged")
         elif record_id:
+            # By its Id, the External ID included: a record whose adoption failed half-way
+            # (claimed, External ID not yet written) is healed, never duplicated.
             write = _Write(intent, self._for_existing(values), digest, target=record_id)
-            self._take(plan, plan.upserts, write, outcomes)
+            self._take(plan, plan.updates, write, outcomes)
         elif link.uncertain:
             plan.recoveries.append(intent)  # a create may have landed: find it first
         elif user.email or user.previous_email:
@@ -351,8 +355,8 @@ class SalesforceDestination:
         if plan.lookups:
             self._adopt(plan, outcomes, claim)
         self._send(plan.upserts, outcomes, self._upsert_call)
-        self._send(self._recreates(plan.upserts, outcomes), outcomes, self._upsert_call)
         self._send(plan.updates, outcomes, self._update_call)
+        self._send(self._recreates(plan.updates, outcomes), outcomes, self._upsert_call)
         self._send(plan.deletes, outcomes, self._delete_call)
 
     def _recover(self, plan: _Plan, outcomes: dict[str, Outcome]) -> None:
@@ -385,7 +389,7 @@ class SalesforceDestination:
                 write = _Write(
                     intent, self._for_existing(values), fields_hash(values), target=record_id
                 )
-                self._take(plan, plan.upserts, write, outcomes)
+                self._take(plan, plan.updates, write, outcomes)
 
     def _plan_unlinked(self, intent: Intent, plan: _Plan, outcomes: dict[str, Outcome]) -> None:
         if intent.user.deprovisioned:
@@ -444,20 +448,14 @@ class SalesforceDestination:
         shown = f"query: Id of {self.sobject} by Email, {len(emails)} emails"
         return self.client.query(soql, shown=shown)
 
-    def _recreates(self, upserts: list[_Write], outcomes: dict[str, Outcome]) -> list[_Write]:
-        """Linked users whose record was deleted by hand: the upsert tried to create it
-        without the required fields idsync leaves out of an existing record's write.
-        They are sent once more as creates, with the fallbacks filled in."""
+    def _recreates(self, updates: list[_Write], outcomes: dict[str, Outcome]) -> list[_Write]:
+        """Linked live users whose record was deleted in Salesforce: created again by
+        upsert, with the required fields filled in as for any create."""
         again = []
-        for write in upserts:
+        for write in updates:
             outcome = outcomes.get(write.intent.key)
-            left_out = any(name not in write.values for name in self.required)
-            if (
-                write.target
-                and left_out
-                and outcome is not None
-                and outcome.reason == "required_field_missing"
-            ):
+            gone = outcome is not None and (outcome.reason or "").upper() in GONE_RECORD_CODES
+            if gone and not (write.adopted or write.deprovision):
                 del outcomes[write.intent.key]
                 values = self.desired_fields(write.intent.user)
                 again.append(self._create(write.intent, values, write.digest))
