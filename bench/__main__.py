@@ -24,6 +24,7 @@ from pathlib import Path
 import redis
 
 from bench.claims import ClaimsOptions, claims_rows, run_claims
+from bench.backfill import BackfillOptions, run_backfill_bench
 from bench.common import (
     PG_ADMIN_URL,
     REDIS_URL,
@@ -42,6 +43,7 @@ from bench.load import WRK_MISSING
 from bench.report import (
     Report,
     Row,
+    backfill_rows,
     capacity_row,
     delivery_rows,
     ingest_rows,
@@ -51,7 +53,7 @@ from bench.report import (
 )
 from bench.webhook import WebhookOptions, run_webhook
 
-BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook", "claims")
+BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook", "claims", "backfill")
 UNLIMITED = 1_000_000  # requests per second: no rate limit in practice
 
 # (full run, --quick) defaults of every size and duration.
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "claims_drain_seconds": (10, 3),
     "claims_ingest_rounds": (3, 1),
     "claims_ingest_seconds": (10, 3),
+    "backfill_users": (100_000, 5_000),
 }
 
 
@@ -222,6 +225,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     claims.add_argument(
         "--claims-ingest-seconds", type=float, help="seconds per such round (10, quick 3)"
+    )
+
+    backfill = parser.add_argument_group("backfill (idsync backfill from the fake Auth0)")
+    backfill.add_argument(
+        "--backfill-users", type=int, help="users in the fake tenant (100000, quick 5000)"
     )
 
     profile = parser.add_argument_group("profiling (instead of the benchmarks)")
@@ -494,6 +502,21 @@ class Runner:
             schema=self.schema(),
         )
         self.report.rows += ingest_depth_rows(depth)
+
+    def backfill(self) -> None:
+        args = self.args
+        self._quiet("backfill")
+        self._say(f"backfill: {args.backfill_users} users from the fake Auth0, twice")
+        result = run_backfill_bench(
+            BackfillOptions(users=args.backfill_users),
+            admin_url=args.pg_admin_url,
+            redis_url=args.redis_url,
+            run_id=self.run_id,
+            workdir=self._dir("backfill"),
+            schema=self.schema(),
+        )
+        self.report.rows += backfill_rows(result)
+        self.report.notes += result.notes
 
     def _dir(self, name: str) -> Path:
         path = self.workdir / name

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from bench.backfill import TARGET_SECONDS, TARGET_USERS, BackfillResult
 from bench.common import Machine, code_revision
 from bench.delivery import BacklogResult, DeliveryOptions, PhaseResult
 from bench.ingest import IngestOptions, IngestResult
@@ -434,5 +435,36 @@ def webhook_rows(result: WebhookResult) -> list[Row]:
             f"{options.batch_size}; the webhook sends {PARALLEL_REQUESTS} requests at once "
             f"over keep-alive connections under LICENSES_RATE_LIMIT={options.rate_limit}/1s "
             f"to `python -m idsync.fakes.webhook_receiver` (its own process)",
+        ),
+    ]
+
+
+# Backfill: idsync backfill against the fake Auth0
+
+
+def backfill_rows(result: BackfillResult) -> list[Row]:
+    """Users stored per second by the whole command, its memory, and the second run."""
+    first, second = result.first, result.second
+    target_rate = TARGET_USERS / TARGET_SECONDS
+    return [
+        Row(
+            "backfill",
+            "users stored per second by `idsync backfill` (export job, download and store)",
+            f"{number(result.rate)}/s: {number(first.report['stored'])} users in "
+            f"{number(first.wall, 1)} s, of which storing {number(first.report['seconds'], 1)} s",
+            f">= {number(target_rate)}/s ({number(TARGET_USERS)} users in {TARGET_SECONDS:g} s)",
+            verdict(result.rate, target_rate, at_least=True),
+        ),
+        Row(
+            "backfill",
+            "peak resident memory of the backfill process",
+            f"{number(first.peak_rss_kb / 1024, 1)} MB for {number(result.options.users)} users "
+            f"(chunks of 2,000; the file is streamed)",
+        ),
+        Row(
+            "backfill",
+            "the same backfill again",
+            f"{number(second.report['stored'])} stored, {number(second.report['existing'])} "
+            f"unchanged, in {number(second.wall, 1)} s",
         ),
     ]

@@ -23,7 +23,8 @@ NUMBER = re.compile(r"\d")
 TINY = shlex.split(
     "--quiet-wait 0 --rounds 1 --round-seconds 1 --warmup-seconds 0 --connections 2 "
     "--events 150 --updates 100 --capacity-events 50 --rate-limit 20 --delivery-timeout 90 "
-    "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200"
+    "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200 "
+    "--backfill-users 300"
 )
 
 
@@ -80,6 +81,7 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         "naive",
         "isolation",
         "webhook",
+        "backfill",
     }
     assert {"CPU", "cores", "Python", "PostgreSQL", "Redis", "load generator"} <= set(
         by_benchmark["machine"]
@@ -93,8 +95,8 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         if cells[1]
     ]
     # Three ingest targets, two per delivery phase plus memory, the naive ratio, the
-    # isolation ratio and the webhook ratio.
-    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1
+    # isolation ratio, the webhook ratio and the backfill rate.
+    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1 + 1
     for benchmark, measure, (result, _target, met) in targets:
         assert NUMBER.search(result), (benchmark, measure, result)
         assert "n/a" not in result, (benchmark, measure, result)
