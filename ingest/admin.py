@@ -26,6 +26,7 @@ from models.commands import (
     resume_destination,
 )
 from models.db import transaction
+from models.guard import approve_deprovisions, held_counts
 from models.queries import (
     DeliveryDetail,
     DeliveryFilter,
@@ -270,3 +271,24 @@ def resume_route(name: str) -> tuple[Response, int]:
     log.warning("destination %s resumed by an operator", name)
     _wake((name,))
     return jsonify(view), 200
+
+
+@blueprint.post("/admin/destinations/<name>/approve-deprovisions")
+def approve_deprovisions_route(name: str) -> tuple[Response, int]:
+    """Release the deprovisions the guard holds for ``name`` (body: ``{"dry_run": true}``)."""
+    unknown = _known_destination(name)
+    if unknown:
+        return unknown
+    body = _json_body() if request.get_data() else {}
+    if not isinstance(body, dict) or set(body) - {"dry_run"}:
+        return _error(400, 'send no body or a JSON object such as {"dry_run": true}')
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        return _error(400, "dry_run must be true or false")
+    with transaction(_state().sessions) as session:
+        released = approve_deprovisions(session=session, destination=name, dry_run=dry_run)
+        held = held_counts(session=session).get(name, 0)
+    if released and not dry_run:
+        log.warning("operator approved %d held deprovisions to %s", released, name)
+        _wake((name,))
+    return jsonify(destination=name, dry_run=dry_run, released=released, held=held), 200

@@ -46,6 +46,7 @@ from ingest.admin import delivery_filter, find_delivery, known_headroom, shown_d
 from ingest.auth import secret_matches
 from models.commands import destination_states, replay
 from models.db import transaction
+from models.guard import approve_deprovisions, held_counts
 from models.queries import counts_by_status, list_deliveries
 from models.tables import FINISHED, DeliveryStatus
 from models.views import delivery_view, destination_view, headroom_text
@@ -229,6 +230,7 @@ def index() -> ResponseReturnValue:
     with transaction(_state().sessions) as db:
         counts = counts_by_status(session=db)
         states = destination_states(session=db)
+        held = held_counts(session=db)
         if item is not None:
             rows, next_cursor = list_deliveries(session=db, filter=item)
             deliveries = [delivery_view(row) for row in rows]
@@ -254,6 +256,7 @@ def index() -> ResponseReturnValue:
         limit=paging["limit"],
         next_cursor=next_cursor,
         destination_names=_destinations(counts),
+        held=held,
     )
 
 
@@ -319,6 +322,24 @@ def replay_matching() -> ResponseReturnValue:
     # The replayed ones are pending now; show the same selection in any status.
     shown: dict[str, Any] = {name: value for name, value in params.items() if name != "status"}
     return redirect(url_for(".index", **shown))
+
+
+@blueprint.post("/admin/ui/destinations/<name>/approve-deprovisions")
+def approve_held(name: str) -> ResponseReturnValue:
+    """Release the deprovisions the guard holds for ``name`` and wake its workers."""
+    if name not in _settings().destinations:
+        return _error_page(404, "Not found", f"There is no destination {name}.")
+    with transaction(_state().sessions) as db:
+        released = approve_deprovisions(session=db, destination=name)
+    if released:
+        _wake([name])
+        log.warning(
+            "operator approved %d held deprovisions to %s from the admin page", released, name
+        )
+        flash(f"Released {released} held deprovisions to {name}; the workers were woken.")
+    else:
+        flash(f"Nothing is held for {name}.")
+    return redirect(url_for(".index"))
 
 
 def _wake(destinations: Iterable[str]) -> None:

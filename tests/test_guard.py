@@ -275,3 +275,39 @@ def test_held_deprovisions_show_in_readyz_and_metrics_but_not_in_the_backlog_age
     metrics = pipeline.client.get("/metrics").get_data(as_text=True)
     assert 'idsync_deliveries_held{destination="hubspot",reason="deprovision_guard"} 2.0' in metrics
     assert 'idsync_outbox_oldest_pending_age_seconds{destination="hubspot"} 0.0' in metrics
+
+
+def test_the_admin_api_and_page_approve_held_deprovisions(
+    settings: Settings, sessions: object, hubspot: object
+) -> None:
+    from tests.test_admin_page import ADMIN_TOKEN, admin_pipeline, csrf_token, sign_in
+
+    pipe = admin_pipeline(settings, sessions, hubspot, deprovision_guard="1/1h")  # type: ignore[arg-type]
+    try:
+        _block(pipe, _users(pipe, 3))
+        _drain(pipe)
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        dry = pipe.client.post(
+            "/admin/destinations/hubspot/approve-deprovisions",
+            json={"dry_run": True},
+            headers=bearer,
+        )
+        assert dry.status_code == 200 and dry.get_json()["released"] == 2
+        assert _held(pipe) == 2
+        bad = pipe.client.post(
+            "/admin/destinations/hubspot/approve-deprovisions", json={"dry": 1}, headers=bearer
+        )
+        assert bad.status_code == 400
+        sign_in(pipe)
+        page = pipe.client.get("/admin/")
+        assert "2 deprovisions held" in page.get_data(as_text=True)
+        forged = pipe.client.post("/admin/ui/destinations/hubspot/approve-deprovisions")
+        assert forged.status_code == 400 and _held(pipe) == 2
+        approved = pipe.client.post(
+            "/admin/ui/destinations/hubspot/approve-deprovisions",
+            data={"csrf_token": csrf_token(page)},
+        )
+        assert approved.status_code == 302 and _held(pipe) == 0
+    finally:
+        pipe.destination.close()
+        pipe.app.extensions["idsync"].engine.dispose()
