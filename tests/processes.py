@@ -37,6 +37,7 @@ OUTBOX_TABLES = (
     "quarantine",
     "destination_states",
     "reconcile_runs",
+    "auth0_recovery_passes",
 )
 
 
