@@ -90,7 +90,9 @@ def _split(value: object) -> tuple[str, ...]:
 class Settings(BaseSettings):
     """Configuration of every idsync process; see the README's configuration table."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     database_url: str = EMBEDDED_DATABASE_URL
     celery_broker_url: str = EMBEDDED_BROKER_URL
