@@ -23,8 +23,8 @@ from pathlib import Path
 
 import redis
 
-from bench.claims import ClaimsOptions, claims_rows, run_claims
 from bench.backfill import BackfillOptions, run_backfill_bench
+from bench.claims import ClaimsOptions, claims_rows, run_claims
 from bench.common import (
     PG_ADMIN_URL,
     REDIS_URL,
