@@ -24,7 +24,8 @@ TINY = shlex.split(
     "--quiet-wait 0 --rounds 1 --round-seconds 1 --warmup-seconds 0 --connections 2 "
     "--events 150 --updates 100 --capacity-events 50 --rate-limit 20 --delivery-timeout 90 "
     "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200 "
-    "--backfill-users 300"
+    "--backfill-users 300 --claims-depth 2000 --claims-count 3 --claims-drain-seconds 1 "
+    "--claims-ingest-rounds 1 --claims-ingest-seconds 1"
 )
 
 
@@ -81,6 +82,7 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         "naive",
         "isolation",
         "webhook",
+        "claims",
         "backfill",
     }
     assert {"CPU", "cores", "Python", "PostgreSQL", "Redis", "load generator"} <= set(
@@ -95,8 +97,9 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         if cells[1]
     ]
     # Three ingest targets, two per delivery phase plus memory, the naive ratio, the
-    # isolation ratio, the webhook ratio and the backfill rate.
-    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1 + 1
+    # isolation ratio, the webhook ratio, the claim time at one depth, the store path's
+    # ratio with a full outbox, and the backfill rate.
+    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
     for benchmark, measure, (result, _target, met) in targets:
         assert NUMBER.search(result), (benchmark, measure, result)
         assert "n/a" not in result, (benchmark, measure, result)

@@ -106,6 +106,7 @@ def test_every_route_is_described_and_every_described_path_is_a_route(app: Flask
         "/admin/logout",
         "/admin/ui/deliveries/<int:delivery_id>",
         "/admin/ui/deliveries/<int:delivery_id>/replay",
+        "/admin/ui/destinations/<name>/approve-deprovisions",
         "/admin/ui/replay",
         "/static/<path:filename>",
     }
