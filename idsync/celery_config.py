@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from idsync.settings import Settings
+from idsync.auth0.client import recovery_off
+from idsync.settings import Settings, parse_duration
 
 
 def celery_config(settings: Settings, *, publisher: bool = False) -> dict[str, Any]:
@@ -49,6 +50,12 @@ def celery_config(settings: Settings, *, publisher: bool = False) -> dict[str, A
         config["beat_schedule"]["reconcile"] = {
             "task": "idsync.reconcile",
             "schedule": timedelta(seconds=settings.reconcile_seconds),
+        }
+    if recovery_off(settings) is None:
+        # AUTH0_RECOVERY_INTERVAL: read back what Auth0 failed to deliver (one pass at a time).
+        config["beat_schedule"]["auth0_recover"] = {
+            "task": "idsync.auth0_recover",
+            "schedule": timedelta(seconds=parse_duration(settings.auth0_recovery_interval)),
         }
     if publisher:
         config["broker_connection_timeout"] = settings.publish_timeout_seconds

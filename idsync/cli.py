@@ -207,7 +207,7 @@ def _deliveries_table(views: list[dict[str, Any]]) -> Table:
         table.add_column(name, overflow="fold")
     for view in views:
         status = view["status"] + (f": {view['reason']}" if view["reason"] else "")
-        event = f"{view['event']['type']} {_short(view['event']['time'])}"
+        event = f"{view['event']['type']} {_short(view['event']['time'])}{_via(view['event'])}"
         table.add_row(
             str(view["id"]),
             _shown(view["destination"]),
@@ -218,6 +218,12 @@ def _deliveries_table(views: list[dict[str, Any]]) -> Table:
             _shown(_clip(view["last_error"])),
         )
     return table
+
+
+def _via(event: dict[str, Any]) -> str:
+    """`` via recovery`` or `` via backfill``; nothing for the webhook, the usual way."""
+    via = event.get("received_via")
+    return f" via {via}" if via and via != "webhook" else ""
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
@@ -313,7 +319,8 @@ def show_delivery(delivery_id: int, as_json: bool) -> None:
     event = view["event"]
     payload = event.pop("payload")
     title = _shown(
-        f"Event {event['event_id']} ({event['type']}, {event['time']}, {event['status']})"
+        f"Event {event['event_id']} ({event['type']}, {event['time']}, {event['status']}, "
+        f"received via {event['received_via']})"
     )
     body = (
         JSONHighlighter()(_shown(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
@@ -712,3 +719,7 @@ from idsync.reconcile_commands import (  # noqa: E402 - registered last
 
 main.add_command(reconcile)
 destinations.add_command(approve_deprovisions)
+
+from idsync.auth0.commands import auth0  # noqa: E402 - registered last
+
+main.add_command(auth0)

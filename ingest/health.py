@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from idsync.auth0.recovery import recovery_status
 from ingest.metrics import OutboxCollector, exposition
 from models.guard import held_counts
 from models.tables import DestinationState
@@ -70,13 +71,15 @@ def guard_report(settings: Any, held: dict[str, int]) -> dict[str, str]:
 
 @blueprint.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 when the database answers; broker and destinations are reported, not required."""
+    """200 when the database answers; broker, destinations and recovery are reported, not
+    required."""
     state = current_app.extensions["idsync"]
     try:
         with state.sessions() as session:
             session.execute(text("SELECT 1"))
             states = {row.name: row for row in session.scalars(select(DestinationState))}
             guard = guard_report(state.settings, held_counts(session=session))
+            recovery = recovery_status(session, state.settings).line()
     except SQLAlchemyError as error:
         return jsonify(status="unavailable", database=f"error: {type(error).__name__}"), 503
     return jsonify(
@@ -85,6 +88,7 @@ def readyz() -> tuple[Response, int]:
         broker=_broker_state(state),
         destinations=destination_report(state.settings, states),
         deprovision_guard=guard,
+        auth0_recovery=recovery,
     ), 200
 
 

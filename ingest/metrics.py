@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from idsync.destinations import read_headroom
-from idsync.settings import Settings
+from idsync.settings import Settings, parse_duration
 from models.db import db_now
 from models.tables import Delivery, DeliveryAttempt, DeliveryStatus, DestinationState
 
@@ -136,6 +136,7 @@ class OutboxCollector(Collector):
             with self.sessions() as session, session.begin():
                 destinations, attempts = self._read(session)
                 guard_and_drift = list(_guard_and_drift_metrics(session, self.settings))
+                recovery = list(_recovery_metrics(session, self.settings))
         except SQLAlchemyError as error:
             log.warning("metrics: outbox not readable (%s)", type(error).__name__)
             up.add_metric([], 0)
@@ -146,6 +147,7 @@ class OutboxCollector(Collector):
             yield from self._destination_metrics(destinations)
             yield from self._attempt_metrics(attempts)
             yield from guard_and_drift
+            yield from recovery
         yield from self._rate_limit_metrics()
 
     # Reading
@@ -346,6 +348,71 @@ def _guard_and_drift_metrics(session: Session, settings: Settings) -> Iterable[M
         if run.finished_at is not None:
             finished.add_metric([name], run.finished_at.timestamp())
     return [held, drift, finished]
+
+
+def _recovery_metrics(session: Session, settings: Settings) -> Iterable[Metric]:
+    """Recovery of Auth0's failed deliveries: the last pass, the stream, the missing-events warning.
+
+    Nothing while recovery is off (AUTH0_* settings missing), so no alert fires on it.
+    """
+    from idsync.auth0.recovery import last_success_at, recovery_status
+
+    state = recovery_status(session, settings)
+    if state.off:
+        return []
+    interval = GaugeMetricFamily(
+        "idsync_auth0_recovery_interval_seconds",
+        "AUTH0_RECOVERY_INTERVAL: how often beat runs a recovery pass.",
+    )
+    interval.add_metric([], parse_duration(settings.auth0_recovery_interval))
+    last_pass = GaugeMetricFamily(
+        "idsync_auth0_recovery_last_pass_timestamp_seconds",
+        "When the newest recovery pass finished, with or without an error (Unix time).",
+    )
+    last_success = GaugeMetricFamily(
+        "idsync_auth0_recovery_last_success_timestamp_seconds",
+        "When the newest recovery pass without an error finished (Unix time).",
+    )
+    failed = GaugeMetricFamily(
+        "idsync_auth0_recovery_last_pass_failed",
+        "1 when the newest recovery pass ended with an error (idsync auth0 status says which).",
+    )
+    events = GaugeMetricFamily(
+        "idsync_auth0_recovery_last_pass_events",
+        "Failed Auth0 deliveries the newest recovery pass listed, and how many of them it "
+        "stored, found stored already (duplicates) or could not store (rejected).",
+        labels=["outcome"],
+    )
+    redelivered = GaugeMetricFamily(
+        "idsync_auth0_recovery_last_pass_redelivered",
+        "1 when the newest recovery pass had Auth0 redeliver its window.",
+    )
+    disabled = GaugeMetricFamily(
+        "idsync_auth0_stream_disabled",
+        "1 while the newest recovery pass found the Event Stream disabled and could not "
+        "re-enable it.",
+    )
+    missing = GaugeMetricFamily(
+        "idsync_auth0_events_possibly_missing",
+        "1 for 7 days after recovery re-enabled a disabled Event Stream: events of that "
+        "period may never have been produced (run idsync backfill).",
+    )
+    succeeded = last_success_at(session, str(settings.auth0_event_stream_id))
+    if succeeded is not None:
+        last_success.add_metric([], succeeded.timestamp())
+    newest = state.last_pass
+    if newest is not None:
+        if newest["finished_at"]:
+            finished = datetime.fromisoformat(newest["finished_at"])
+            last_pass.add_metric([], finished.timestamp())
+        failed.add_metric([], 1 if newest["error"] else 0)
+        for outcome in ("listed", "stored", "duplicates", "rejected"):
+            events.add_metric([outcome], newest[outcome])
+        redelivered.add_metric([], 1 if newest["redelivered"] else 0)
+    disabled.add_metric([], 1 if state.stream_disabled else 0)
+    missing.add_metric([], 1 if state.missing_events else 0)
+    families = [interval, last_pass, last_success, failed, events, redelivered, disabled, missing]
+    return [family for family in families if family.samples]
 
 
 def _seconds_between(earlier: datetime | None, now: datetime) -> float:

@@ -162,6 +162,8 @@ def test_detail_has_event_and_every_attempt_masked(pipeline: Pipeline) -> None:
     assert user["email"] == "a***@example.com"
     assert user["identities"][0]["access_token"] == "***"
     assert "context" not in created["event"]["payload"]["data"]
+    assert created["event"]["received_via"] == created["delivery"]["event"]["received_via"]
+    assert created["event"]["received_via"] == "webhook"
     assert created["attempts"], "the successful calls are listed too"
     for body in (failed.data, json.dumps(created).encode()):
         assert b"ann.lee@" not in body and b"idp-access-token-value" not in body

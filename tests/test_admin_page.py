@@ -356,6 +356,7 @@ def test_detail_shows_every_attempt_and_replays_one_delivery(pipeline: Pipeline)
     assert "rejected" in body and 'id="replay"' in body
     assert re.search(r"PATCH /crm/v3/objects/contacts/\d+|POST /crm/v3/", body)
     assert '<td class="num">400</td>' in body
+    assert '<dd id="received-via">webhook</dd>' in body
     response = pipeline.client.post(
         f"/admin/ui/deliveries/{failed_id}/replay", data={"csrf_token": csrf_token(page)}
     )

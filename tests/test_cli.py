@@ -91,6 +91,9 @@ COMMANDS = [
     ["destinations", "list"],
     ["destinations", "pause"],
     ["destinations", "resume"],
+    ["auth0"],
+    ["auth0", "status"],
+    ["auth0", "recover"],
 ]
 
 

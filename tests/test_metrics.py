@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,8 +29,11 @@ from sqlalchemy import func, select
 
 from idsync.destinations import headroom_key
 from idsync.fakes.hubspot import FakeHubSpot
+from idsync.settings import Settings
 from idsync.stack import ROOT, Stack, free_port, ingest_command
-from models.tables import DeliveryAttempt
+from ingest import create_app
+from models.db import transaction
+from models.tables import Auth0RecoveryPass, DeliveryAttempt
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event, fixture
 from tests.pipeline import Pipeline
@@ -278,3 +284,66 @@ def test_alert_rules_file_is_valid() -> None:
     assert "idsync_outbox_oldest_pending_age_seconds" in alerts["IdsyncBacklogTooOld"]["expr"]
     assert "idsync_destination_paused" in alerts["IdsyncDestinationPaused"]["expr"]
     assert 'status="failed"' in alerts["IdsyncFailedDeliveriesRising"]["expr"]
+
+
+def test_recovery_metrics_follow_the_newest_pass(settings: Settings, sessions: Any) -> None:
+    def scraped(configured: Settings) -> Samples:
+        app = create_app(configured)
+        try:
+            return scrape(app.test_client().get("/metrics").get_data(as_text=True))
+        finally:
+            app.extensions["idsync"].engine.dispose()
+
+    def add_pass(**fields: Any) -> datetime:
+        finished = datetime.now(UTC).replace(microsecond=0)
+        window = {"window_from": finished - timedelta(minutes=2), "window_to": finished}
+        with transaction(sessions) as session:
+            session.add(
+                Auth0RecoveryPass(
+                    stream_id="est_metrics",
+                    trigger="beat",
+                    finished_at=finished,
+                    **window,
+                    **fields,
+                )
+            )
+        return finished
+
+    assert not [name for name, _ in scraped(settings) if name.startswith("idsync_auth0_")]
+    configured = settings.model_copy(
+        update={
+            "auth0_domain": "tenant.example.com",
+            "auth0_client_id": "id",
+            "auth0_client_secret": "secret",
+            "auth0_event_stream_id": "est_metrics",
+            "auth0_recovery_interval": "2m",
+        }
+    )
+    counts = {"listed": 7, "stored": 5, "duplicates": 2, "rejected": 0}
+    first = add_pass(stream_status="disabled", redelivered=True, **counts)
+    samples = scraped(configured)
+    assert value(samples, "idsync_auth0_recovery_interval_seconds") == 120
+    assert value(samples, "idsync_auth0_recovery_last_pass_timestamp_seconds") == first.timestamp()
+    for outcome, count in counts.items():
+        assert value(samples, "idsync_auth0_recovery_last_pass_events", outcome=outcome) == count
+    assert value(samples, "idsync_auth0_recovery_last_pass_redelivered") == 1
+    assert value(samples, "idsync_auth0_stream_disabled") == 1
+    assert value(samples, "idsync_auth0_events_possibly_missing") == 0
+
+    reenabled = add_pass(stream_status="disabled", reenabled=True)
+    samples = scraped(configured)
+    assert value(samples, "idsync_auth0_stream_disabled") == 0
+    assert value(samples, "idsync_auth0_events_possibly_missing") == 1
+    assert value(samples, "idsync_auth0_recovery_last_pass_events", outcome="listed") == 0
+    assert value(samples, "idsync_auth0_recovery_last_pass_failed") == 0
+
+    add_pass(stream_status="enabled", error="Auth0 GET /api/v2/event-streams answered 403")
+    samples = scraped(configured)
+    assert value(samples, "idsync_auth0_recovery_last_pass_failed") == 1
+    last_success = value(samples, "idsync_auth0_recovery_last_success_timestamp_seconds")
+    assert last_success == reenabled.timestamp()
+    # Every recovery metric an alert names is one /metrics serves.
+    alerts = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    named = set(re.findall(r"idsync_auth0_\w+", alerts))
+    assert len(named) >= 5
+    assert named <= {name for name, _ in samples}

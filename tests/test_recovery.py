@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
 from idsync.auth0.client import ManagementClient
 from idsync.auth0.recovery import (
     PassReport,
+    exclusive_pass,
     read_failed,
+    recover,
     recovery_off,
     recovery_status,
     run_pass,
     watermark,
 )
+from idsync.celery_config import celery_config
+from idsync.cli import main as cli_main
 from idsync.fakes.auth0 import FakeAuth0
 from idsync.fakes.server import FakeServer
 from idsync.settings import Settings
@@ -245,3 +253,163 @@ def test_missing_settings_switch_recovery_off_with_a_reason(settings: Settings) 
         "recovery off: AUTH0_DOMAIN, AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET, AUTH0_EVENT_STREAM_ID "
         "are not set"
     )
+
+
+# One pass at a time, beat's schedule, /readyz
+
+
+def test_a_second_pass_returns_at_once_while_one_runs(
+    sessions: Any, auth0_settings: Settings, client: ManagementClient, waker: Waker, fake: FakeAuth0
+) -> None:
+    fake.emit(recent(2))
+    kwargs = {"sessions": sessions, "settings": auth0_settings, "client": client, "waker": waker}
+    with exclusive_pass(sessions, fake.stream_id) as first:
+        assert first
+        # Another process (its own connection) asks while the first pass runs.
+        started = time.monotonic()
+        assert recover(trigger="beat", **kwargs) is None
+        assert time.monotonic() - started < 2
+        with exclusive_pass(sessions, "est_another_stream_000000") as other:
+            assert other  # another stream's passes are not held up
+    with sessions() as session:
+        assert session.scalar(select(func.count(Auth0RecoveryPass.id))) == 0
+    report = recover(trigger="beat", **kwargs)
+    assert report is not None and report.stored == 2
+    with exclusive_pass(sessions, fake.stream_id) as again:
+        assert again  # the pass let go of its lock
+
+
+def test_beat_schedules_recovery_only_when_configured(
+    settings: Settings, auth0_settings: Settings
+) -> None:
+    assert "auth0_recover" not in celery_config(settings)["beat_schedule"]
+    configured = auth0_settings.model_copy(update={"auth0_recovery_interval": "2m"})
+    entry = celery_config(configured)["beat_schedule"]["auth0_recover"]
+    assert entry == {"task": "idsync.auth0_recover", "schedule": timedelta(minutes=2)}
+    import workers.tasks
+
+    assert "idsync.auth0_recover" in workers.tasks.app.tasks
+
+
+def test_readyz_says_off_ok_or_what_is_wrong(
+    sessions: Any,
+    settings: Settings,
+    auth0_settings: Settings,
+    client: ManagementClient,
+    waker: Waker,
+    fake: FakeAuth0,
+) -> None:
+    def readiness(configured: Settings) -> Any:
+        app = create_app(configured)
+        try:
+            answer = app.test_client().get("/readyz")
+        finally:
+            app.extensions["idsync"].engine.dispose()
+        assert answer.status_code == 200
+        return answer.json["auth0_recovery"]
+
+    assert readiness(settings) == recovery_off(settings)
+    assert readiness(auth0_settings) == "ok"  # configured, no pass yet
+    client.max_rate_wait = 0.2
+    fake.rate_limit_next(100)
+    a_pass(sessions, auth0_settings, client, waker)
+    assert readiness(auth0_settings).startswith("the last recovery pass failed: ")
+    fake.rate_limit_next(0)
+    fake.consecutive_threshold, fake.total_threshold, fake.attempts = 2, 2, 1
+    fake.emit(recent(2))
+    assert fake.status == "disabled"
+    a_pass(sessions, auth0_settings, client, waker)  # refused: 2 failed events remain
+    assert readiness(auth0_settings).startswith("the Event Stream is disabled")
+
+
+# The command line
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, auth0_settings: Settings) -> None:
+    values = {
+        "DATABASE_URL": auth0_settings.database_url,
+        "CELERY_BROKER_URL": auth0_settings.celery_broker_url,
+        "REDIS_URL": str(auth0_settings.redis_url),
+        "REDIS_KEY_PREFIX": auth0_settings.redis_key_prefix,
+        "DESTINATIONS": "hubspot",
+        "HUBSPOT_TOKEN": "fake-token",
+        "AUTH0_DOMAIN": str(auth0_settings.auth0_domain),
+        "AUTH0_CLIENT_ID": str(auth0_settings.auth0_client_id),
+        "AUTH0_CLIENT_SECRET": str(auth0_settings.auth0_client_secret),
+        "AUTH0_EVENT_STREAM_ID": str(auth0_settings.auth0_event_stream_id),
+        "AUTH0_MGMT_BASE_URL": str(auth0_settings.auth0_mgmt_base_url),
+        "AUTH0_RECOVERY_LAG": "1s",
+        "COLUMNS": "200",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def idsync(*args: str) -> Result:
+    return CliRunner().invoke(cli_main, list(args), catch_exceptions=False)
+
+
+def test_status_without_settings_says_off_and_exits_0(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    for name in ("AUTH0_DOMAIN", "AUTH0_CLIENT_ID", "AUTH0_CLIENT_SECRET", "AUTH0_EVENT_STREAM_ID"):
+        monkeypatch.delenv(name, raising=False)
+    # Nothing is read: not even the embedded default database is created.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    shown = idsync("auth0", "status")
+    assert shown.exit_code == 0
+    assert shown.stdout.strip() == (
+        "recovery off: AUTH0_DOMAIN, AUTH0_CLIENT_ID, AUTH0_CLIENT_SECRET, "
+        "AUTH0_EVENT_STREAM_ID are not set"
+    )
+    assert json.loads(idsync("auth0", "status", "--json").stdout)["off"].startswith("recovery off")
+    refused = CliRunner().invoke(cli_main, ["auth0", "recover"])
+    assert refused.exit_code == 1 and "recovery off" in refused.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_recover_by_hand_prints_its_figures_and_status_shows_them(
+    cli_env: None, sessions: Any, fake: FakeAuth0
+) -> None:
+    fake.emit(recent(3))
+    dry = idsync("auth0", "recover", "--since", "1h", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "Dry run" in dry.stdout and "listed 3, would store 3, duplicates 0" in dry.stdout
+    done = idsync("auth0", "recover", "--since", "1h")
+    assert done.exit_code == 0, done.output
+    assert "listed 3, stored 3, duplicates 0, rejected 0; redelivered yes" in done.stdout
+    fake.wait_redeliveries()
+    state = json.loads(idsync("auth0", "status", "--json").stdout)
+    last = state["last_pass"]
+    assert (last["trigger"], last["listed"], last["stored"], last["duplicates"]) == ("cli", 3, 3, 0)
+    assert last["stream_status"] == "enabled" and last["redelivered"] is True
+    assert state["line"] == "ok" and state["watermark"] == last["window_to"]
+    shown = idsync("auth0", "status")
+    assert "Recovery of failed deliveries: ok" in shown.stdout
+    for figure in (r"listed\s+3", r"stored\s+3", r"duplicates\s+0", r"redelivered\s+yes"):
+        assert re.search(figure, shown.stdout), figure
+    # The stored events say how they came, in every view.
+    listed = json.loads(idsync("deliveries", "--json").stdout)["deliveries"]
+    assert {view["event"]["received_via"] for view in listed} == {"recovery"}
+    assert "via recovery" in idsync("deliveries").stdout
+    assert "received via recovery" in idsync("deliveries", "show", str(listed[0]["id"])).stdout
+    assert idsync("auth0", "recover", "--since", "yesterday").exit_code == 2
+
+
+def test_recover_while_a_pass_runs_exits_1_at_once(
+    cli_env: None, sessions: Any, fake: FakeAuth0
+) -> None:
+    with exclusive_pass(sessions, fake.stream_id):
+        busy = CliRunner().invoke(cli_main, ["auth0", "recover"])
+    assert busy.exit_code == 1 and "running already" in busy.stderr
+
+
+def test_a_failed_pass_exits_1_with_its_error(
+    cli_env: None, sessions: Any, fake: FakeAuth0, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTH0_CLIENT_SECRET", "wrong")
+    failed = CliRunner().invoke(cli_main, ["auth0", "recover"])
+    assert failed.exit_code == 1 and "refused the client credentials" in failed.stderr
+    assert "Traceback" not in failed.output

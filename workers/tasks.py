@@ -162,3 +162,33 @@ def reconcile() -> None:
             except Unreadable:
                 continue  # a webhook: nothing to read back
             log.info("reconciled", extra={"checked": report.checked, "drift": report.counts})
+
+
+class _TaskWaker:
+    """Wakes a destination from inside a task, through this worker's Redis and broker."""
+
+    def wake(self, destination: str) -> None:
+        wake(destination)
+
+
+@app.task(name="idsync.auth0_recover", ignore_result=True)
+def auth0_recover() -> None:
+    """AUTH0_RECOVERY_INTERVAL: one recovery pass over Auth0's failed deliveries.
+
+    A pass still running (a slow Auth0, a long backlog) makes this one return at once.
+    """
+    from idsync.auth0.recovery import recover, shared_client
+
+    rt = runtime()
+    client = shared_client(rt.settings)
+    if client is None:
+        return  # recovery was switched off since beat scheduled this
+    report = recover(
+        sessions=rt.sessions,
+        settings=rt.settings,
+        client=client,
+        waker=_TaskWaker(),
+        trigger="beat",
+    )
+    if report is not None:
+        log.info("recovery pass", extra={"pass": report.to_json()})

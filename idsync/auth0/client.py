@@ -58,6 +58,15 @@ def missing_auth0(settings: Settings, *, stream: bool = True) -> str | None:
     return f"{names} {verb} not set"
 
 
+def recovery_off(settings: Settings) -> str | None:
+    """Why recovery cannot run with ``settings`` (a line for /readyz and the CLI), or None.
+
+    Beat's schedule asks it too, so it lives here, below the recovery pass and ingest.
+    """
+    missing = missing_auth0(settings)
+    return f"recovery off: {missing}" if missing else None
+
+
 def rfc3339(moment: datetime) -> str:
     """``2026-11-29T17:00:00Z``: the whole-second UTC form the deliveries API accepts."""
     if moment.microsecond:

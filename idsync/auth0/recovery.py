@@ -33,17 +33,20 @@ at most ``AUTH0_RECOVERY_RECHECK``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from idsync.auth0.client import Auth0Error, ManagementClient, missing_auth0
+from idsync.auth0.client import Auth0Error, ManagementClient, recovery_off
 from idsync.settings import Settings, parse_duration
 from ingest.store import StoreResult, Wakes, store_document
 from models.db import db_now, transaction
@@ -61,12 +64,6 @@ DISABLED_WARNING = timedelta(days=7)
 def whole_second(moment: datetime) -> datetime:
     """``moment`` without its fraction of a second: Auth0 takes whole seconds only."""
     return moment.astimezone(UTC).replace(microsecond=0)
-
-
-def recovery_off(settings: Settings) -> str | None:
-    """Why recovery cannot run with ``settings`` (a line for /readyz and the CLI), or None."""
-    missing = missing_auth0(settings)
-    return f"recovery off: {missing}" if missing else None
 
 
 @dataclass
@@ -185,6 +182,13 @@ def watermark(session: Session, stream_id: str) -> datetime | None:
     )
 
 
+def last_success_at(session: Session, stream_id: str) -> datetime | None:
+    """When the newest pass that moved the watermark finished (the metric alerts watch)."""
+    return session.scalar(
+        select(func.max(Auth0RecoveryPass.finished_at)).where(_counted(stream_id))
+    )
+
+
 def _counted(stream_id: str) -> Any:
     return (
         (Auth0RecoveryPass.stream_id == stream_id)
@@ -216,6 +220,105 @@ def next_window(
         now - timedelta(seconds=parse_duration(settings.auth0_recovery_recheck))
     )
     return min(max(start, earliest), end), end
+
+
+# One pass at a time
+
+
+def _lock_key(stream_id: str) -> int:
+    """The advisory lock key of a stream's passes: 64 bits of a hash of its id."""
+    digest = hashlib.sha256(f"idsync.auth0_recovery:{stream_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextmanager
+def exclusive_pass(sessions: sessionmaker[Session], stream_id: str) -> Iterator[bool]:
+    """Whether this caller may run a pass of ``stream_id`` now; only one caller may at a time.
+
+    Guarantees, on PostgreSQL: while the block runs, no other process on any
+    machine (beat's task, ``idsync auth0 recover``) gets True for the same stream,
+    and the hold ends with the block or with the process (a session-level
+    advisory lock on a connection of its own, not in a transaction: a killed
+    worker leaves no lock and no TTL to wait out). A caller that gets False
+    returns at once. Other databases (the embedded SQLite) have no such lock:
+    there a second pass may overlap, which costs a redelivery answered 409.
+    """
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    key = _lock_key(stream_id)
+    with engine.connect() as connection:
+        held = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
+        connection.commit()  # the lock outlives the transaction; nothing stays open
+        try:
+            yield held
+        finally:
+            if held:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
+
+
+@cache
+def _shared_client(
+    base_url: str, domain: str, client_id: str, client_secret: str, stream_id: str
+) -> ManagementClient:
+    return ManagementClient(
+        base_url=base_url,
+        domain=domain,
+        client_id=client_id,
+        client_secret=client_secret,
+        stream_id=stream_id,
+    )
+
+
+def shared_client(settings: Settings) -> ManagementClient | None:
+    """One client per process and tenant, so that its token outlives a pass.
+
+    Beat runs a pass every ``AUTH0_RECOVERY_INTERVAL``; a token per pass would
+    spend a monthly machine-to-machine token quota in days. None when recovery is off.
+    """
+    if recovery_off(settings):
+        return None
+    assert settings.auth0_base_url and settings.auth0_domain and settings.auth0_client_id
+    assert settings.auth0_client_secret and settings.auth0_event_stream_id
+    return _shared_client(
+        settings.auth0_base_url,
+        settings.auth0_domain,
+        settings.auth0_client_id,
+        settings.auth0_client_secret,
+        settings.auth0_event_stream_id,
+    )
+
+
+def recover(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    client: ManagementClient,
+    waker: Wakes,
+    trigger: str,
+    since: float | None = None,
+    dry_run: bool = False,
+) -> PassReport | None:
+    """One pass (``run_pass``) unless another is running: then None, at once.
+
+    Beat's task and ``idsync auth0 recover`` both come through here.
+    """
+    stream_id = str(settings.auth0_event_stream_id)
+    with exclusive_pass(sessions, stream_id) as mine:
+        if not mine:
+            log.info("a recovery pass of %s is running already; this one is skipped", stream_id)
+            return None
+        return run_pass(
+            sessions=sessions,
+            settings=settings,
+            client=client,
+            waker=waker,
+            trigger=trigger,
+            since=since,
+            dry_run=dry_run,
+        )
 
 
 # A pass
