@@ -371,6 +371,28 @@ def test_a_revoked_key_pauses_and_the_rest_of_the_batch_waits(fake: FakeBraze, m
     assert DEFAULT_KEY not in json.dumps([o.message for o in outcomes.values()])
 
 
+def test_a_profile_claimed_before_a_refused_call_is_still_cleared_of_the_mark(
+    fake: FakeBraze, make: Any
+) -> None:
+    # A profile marked deprovisioned by an earlier install; the user is live now.
+    fake.seed("auth0|1", {"email": "jane@example.com", "idsync_deprovisioned": True})
+    fake.revoke()
+    destination = make()
+    claims = Claims()
+    paused = deliver(destination, intent(), claim=claims)
+    assert paused["1"].verdict is Verdict.PAUSE and claims.asked == [("1", "auth0|1")]
+    fake.restore()
+    # The engine kept the claimed id on the link, with nothing written under it.
+    resumed = deliver(destination, intent(link=LinkState(external_id=record_id("auth0|1"))))
+    assert resumed["1"].verdict is Verdict.SUCCEEDED
+    assert fake.profile("auth0|1") == {
+        "email": "jane@example.com",
+        "first_name": "Jane",
+        "last_name": "Doe",
+        "idsync_deprovisioned": False,
+    }
+
+
 # Probe and read
 
 

@@ -199,7 +199,13 @@ class BrazeDestination:
     def _plan(self, intent: Intent) -> _Write | Outcome:
         """The write that brings this user to its newest state, or its outcome without one."""
         user, link = intent.user, intent.link
-        holds = link.external_id == record_id(user.subject) and not link.deprovisioned
+        # The link takes the profile id before the first call, which may then be refused
+        # (a revoked key): only a state that reached Braze makes the link hold it live.
+        holds = (
+            link.external_id == record_id(user.subject)
+            and not link.deprovisioned
+            and link.properties_hash is not None
+        )
         if user.deprovisioned and link.external_id is None:
             return Outcome(
                 Verdict.SKIPPED,
