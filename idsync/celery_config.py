@@ -53,9 +53,13 @@ def celery_config(settings: Settings, *, publisher: bool = False) -> dict[str, A
         }
     if recovery_off(settings) is None:
         # AUTH0_RECOVERY_INTERVAL: read back what Auth0 failed to deliver (one pass at a time).
+        # A message older than one interval is dropped: the next one does the same work,
+        # and workers back from an outage do not run a queue of passes in a row.
+        interval = parse_duration(settings.auth0_recovery_interval)
         config["beat_schedule"]["auth0_recover"] = {
             "task": "idsync.auth0_recover",
-            "schedule": timedelta(seconds=parse_duration(settings.auth0_recovery_interval)),
+            "schedule": timedelta(seconds=interval),
+            "options": {"expires": interval},
         }
     if publisher:
         config["broker_connection_timeout"] = settings.publish_timeout_seconds

@@ -285,7 +285,11 @@ def test_beat_schedules_recovery_only_when_configured(
     assert "auth0_recover" not in celery_config(settings)["beat_schedule"]
     configured = auth0_settings.model_copy(update={"auth0_recovery_interval": "2m"})
     entry = celery_config(configured)["beat_schedule"]["auth0_recover"]
-    assert entry == {"task": "idsync.auth0_recover", "schedule": timedelta(minutes=2)}
+    assert entry == {
+        "task": "idsync.auth0_recover",
+        "schedule": timedelta(minutes=2),
+        "options": {"expires": 120.0},
+    }
     import workers.tasks
 
     assert "idsync.auth0_recover" in workers.tasks.app.tasks
