@@ -37,6 +37,7 @@ from models.outbox import (
     DELIVERY_STATE,
     LINK_STATE,
     Claim,
+    ClaimedDelivery,
     UserWork,
     claim_due,
     destination_state,
@@ -49,7 +50,7 @@ from models.outbox import (
     write_deliveries,
     write_links,
 )
-from models.tables import FINISHED, Delivery, DeliveryAttempt, DeliveryStatus
+from models.tables import FINISHED, DeliveryAttempt, DeliveryStatus
 from workers.destinations.base import (
     CallSummary,
     Destination,
@@ -79,9 +80,9 @@ class BatchReport:
 @dataclass
 class _UserPlan:
     work: UserWork
-    stale: list[Delivery]
-    newest: Delivery | None
-    older: list[Delivery]
+    stale: list[ClaimedDelivery]
+    newest: ClaimedDelivery | None
+    older: list[ClaimedDelivery]
 
 
 def _plan_user(work: UserWork) -> _UserPlan:
@@ -139,22 +140,41 @@ def is_paused(session: Session, settings: Settings, destination: str) -> bool:
     return bool(state and state.paused)
 
 
-def run_batch(
+@dataclass
+class ClaimedBatch:
+    """A batch claimed and planned, ready to send: what ``send_batch`` needs.
+
+    ``deadline`` (``time.monotonic()``) was counted from before the claim, so it
+    lies inside the lease: no call of this batch may start after it.
+    """
+
+    claim: Claim
+    plans: list[_UserPlan]
+    intents: list[Intent]
+    outcomes: dict[str, Outcome]
+    holds: _ContactHolds
+    report: BatchReport
+    deadline: float
+
+    def time_left(self) -> float:
+        """Seconds until the batch may start no more calls."""
+        return self.deadline - time.monotonic()
+
+
+def claim_batch(
     *,
     sessions: sessionmaker[Session],
     settings: Settings,
     destination: Destination,
-    rng: random.Random | None = None,
     task_id: str | None = None,
-) -> BatchReport:
-    """Claim, deliver and record one batch of ``destination``'s due work."""
-    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+) -> ClaimedBatch | None:
+    """Claim and plan one batch of ``destination``'s due work; None when there is none."""
     report = BatchReport()
     # Counted from before the claim, so the deadline lies inside the lease it takes.
     deadline = time.monotonic() + settings.batch_seconds
     with transaction(sessions) as session:
         if is_paused(session, settings, destination.name):
-            return report
+            return None
         claim = claim_due(
             session=session,
             destination=destination.name,
@@ -164,7 +184,7 @@ def run_batch(
             task_id=task_id,
         )
     if not claim.users:
-        return report
+        return None
     report.claimed = len(claim.deliveries) + sum(len(u.lost) for u in claim.users)
     report.users = len(claim.users)
     plans = [_plan_user(work) for work in claim.users]
@@ -181,8 +201,79 @@ def run_batch(
     if len(claim.users) < report.users:
         report.count("held:deprovision_guard", report.users - len(claim.users))
     holds = _ContactHolds(sessions, claim, plans)
-    if intents:
-        outcomes |= _deliver(destination, intents, holds, deadline)
+    return ClaimedBatch(claim, plans, intents, outcomes, holds, report, deadline)
+
+
+def send_batch(
+    batch: ClaimedBatch,
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    destination: Destination,
+    rng: random.Random | None = None,
+) -> BatchReport:
+    """Deliver a claimed batch and record every outcome, releasing its users."""
+    outcomes = dict(batch.outcomes)
+    if batch.intents:
+        outcomes |= _deliver(destination, batch.intents, batch.holds, batch.deadline)
+    return _record(
+        batch, outcomes, sessions=sessions, settings=settings, name=destination.name, rng=rng
+    )
+
+
+def release_batch(
+    batch: ClaimedBatch,
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    name: str,
+    reason: str = "released",
+) -> BatchReport:
+    """Give a claimed batch back unsent: its work is due again at once, no budget spent.
+
+    Nothing was asked of the destination, so no attempt is recorded; the users'
+    links are released as after any batch.
+    """
+    unsent = Outcome(
+        Verdict.RETRY,
+        reason=reason,
+        message="claimed ahead of its request slot, given back unsent",
+        counts_against_budget=False,
+        retry_after=0.0,
+    )
+    outcomes = dict(batch.outcomes) | {intent.key: unsent for intent in batch.intents}
+    return _record(batch, outcomes, sessions=sessions, settings=settings, name=name, rng=None)
+
+
+def run_batch(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    destination: Destination,
+    rng: random.Random | None = None,
+    task_id: str | None = None,
+) -> BatchReport:
+    """Claim, deliver and record one batch of ``destination``'s due work."""
+    batch = claim_batch(
+        sessions=sessions, settings=settings, destination=destination, task_id=task_id
+    )
+    if batch is None:
+        return BatchReport()
+    return send_batch(batch, sessions=sessions, settings=settings, destination=destination, rng=rng)
+
+
+def _record(
+    batch: ClaimedBatch,
+    outcomes: dict[str, Outcome],
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    name: str,
+    rng: random.Random | None,
+) -> BatchReport:
+    """Write every outcome with a compare-and-set on the users' hold, and release them."""
+    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+    claim, plans, report = batch.claim, batch.plans, batch.report
     with transaction(sessions) as session:
         now = db_now(session)
         held = still_held(
@@ -193,9 +284,9 @@ def run_batch(
             now,
             rng,
             report,
-            destination=destination.name,
-            taken=_taken_contacts(session, destination.name, claim, outcomes),
-            held_contacts=holds.held,
+            destination=name,
+            taken=_taken_contacts(session, name, claim, outcomes),
+            held_contacts=batch.holds.held,
         )
         lost: list[int] = []
         for plan in plans:
@@ -210,7 +301,7 @@ def run_batch(
         # This worker is alive: a reclaim its slowness caused is no sign of a crash.
         give_back_reclaims(session=session, delivery_ids=lost, token=claim.token)
         recorder.flush(session, claim.token)
-        _pause_if_asked(session, settings, destination.name, outcomes)
+        _pause_if_asked(session, settings, name, outcomes)
     return report
 
 
@@ -348,12 +439,12 @@ def _taken_contacts(
     )
 
 
-def _first(plan: _UserPlan) -> Delivery | None:
+def _first(plan: _UserPlan) -> ClaimedDelivery | None:
     deliveries = plan.stale or plan.work.lost
     return deliveries[0] if deliveries else None
 
 
-def _bound(delivery: Delivery | None) -> AbstractContextManager[None]:
+def _bound(delivery: ClaimedDelivery | None) -> AbstractContextManager[None]:
     """Log lines written while recording ``delivery`` name it and its Auth0 event."""
     if delivery is None:
         return structlog.contextvars.bound_contextvars()
@@ -502,7 +593,7 @@ class _Recorder:
         self.report.count(f"{status.value}:{outcome.reason or ''}".rstrip(":"))
         self._skip_stale(plan.older)
 
-    def _fail(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _fail(self, delivery: ClaimedDelivery, outcome: Outcome) -> None:
         self._finish(
             delivery,
             DeliveryStatus.FAILED,
@@ -552,17 +643,17 @@ class _Recorder:
         log.info("delivery %s retries in %.1fs: %s", newest.id, delay, outcome.reason)
         self.report.count(f"retry:{outcome.reason}")
 
-    def _skip_stale(self, deliveries: list[Delivery]) -> None:
+    def _skip_stale(self, deliveries: list[ClaimedDelivery]) -> None:
         for delivery in deliveries:
             self._finish(delivery, DeliveryStatus.SKIPPED, reason="stale")
         if deliveries:
             self.report.count("skipped:stale", len(deliveries))
 
-    def _release(self, deliveries: list[Delivery], *, due: datetime) -> None:
+    def _release(self, deliveries: list[ClaimedDelivery], *, due: datetime) -> None:
         for delivery in deliveries:
             self._finish(delivery, DeliveryStatus.PENDING, next_attempt_at=due)
 
-    def _finish(self, delivery: Delivery, status: DeliveryStatus, **changes: Any) -> None:
+    def _finish(self, delivery: ClaimedDelivery, status: DeliveryStatus, **changes: Any) -> None:
         """A delivery's whole new state: what changes, and what it keeps."""
         finished = status in FINISHED
         row = {column: getattr(delivery, column) for column in DELIVERY_STATE}
@@ -575,7 +666,7 @@ class _Recorder:
         }
         self._rows.deliveries.append(row)
 
-    def _attempts(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _attempts(self, delivery: ClaimedDelivery, outcome: Outcome) -> None:
         self._rows.attempts.extend(
             {
                 "delivery_id": delivery.id,
