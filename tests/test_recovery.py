@@ -417,3 +417,27 @@ def test_a_failed_pass_exits_1_with_its_error(
     failed = CliRunner().invoke(cli_main, ["auth0", "recover"])
     assert failed.exit_code == 1 and "refused the client credentials" in failed.stderr
     assert "Traceback" not in failed.output
+
+
+def test_after_a_long_outage_the_next_pass_starts_at_the_watermark(
+    sessions: Any, auth0_settings: Settings, client: ManagementClient, waker: Waker, fake: FakeAuth0
+) -> None:
+    # Beat and the workers were down for a day with ingest (one deployment): the last
+    # pass read up to 24 hours ago, and Auth0 kept what failed since.
+    now = datetime.now(UTC).replace(microsecond=0)
+    with sessions.begin() as session:
+        session.add(
+            Auth0RecoveryPass(
+                stream_id=fake.stream_id,
+                trigger="beat",
+                window_from=now - timedelta(hours=25),
+                window_to=now - timedelta(hours=24),
+                finished_at=now - timedelta(hours=24),
+                stream_status="enabled",
+            )
+        )
+    fake.emit(recent(3, seconds_ago=20 * 3600) + recent(2))
+    report = a_pass(sessions, auth0_settings, client, waker)
+    # AUTH0_RECOVERY_RECHECK (6 h) bounds re-reading, never the unread part of the stream.
+    assert report.window_from == now - timedelta(hours=24)
+    assert (report.listed, report.stored) == (5, 5)

@@ -28,7 +28,8 @@ before the first window's end. A pass that listed failures is read again by the
 next one from its own ``window_from``: when idsync was still down while Auth0
 redelivered, those events are still failed in Auth0 and must be redelivered
 again, or the stream could never be re-enabled. That re-reading reaches back
-at most ``AUTH0_RECOVERY_RECHECK``.
+at most ``AUTH0_RECOVERY_RECHECK``; the part of the stream after the watermark
+is read whatever its age.
 """
 
 from __future__ import annotations
@@ -215,11 +216,16 @@ def next_window(
     if newest is None:
         interval = parse_duration(settings.auth0_recovery_interval)
         return whole_second(end - timedelta(seconds=interval)), end
-    start = newest.window_from if newest.listed else newest.window_to
-    earliest = whole_second(
-        now - timedelta(seconds=parse_duration(settings.auth0_recovery_recheck))
-    )
-    return min(max(start, earliest), end), end
+    start = newest.window_to
+    if newest.listed:
+        # Read the failures of that pass again, reaching back at most RECHECK; what
+        # lies after its window_to was never read and is read whatever its age (a
+        # deployment down for a day comes back to a day of failed deliveries).
+        earliest = whole_second(
+            now - timedelta(seconds=parse_duration(settings.auth0_recovery_recheck))
+        )
+        start = max(newest.window_from, min(earliest, newest.window_to))
+    return min(start, end), end
 
 
 # One pass at a time
