@@ -16,9 +16,11 @@ the Celery task around it only loops and hands over.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,11 +57,13 @@ from workers.destinations.base import (
     CallSummary,
     Destination,
     Intent,
+    Limiter,
     LinkState,
     Outcome,
     UserState,
     Verdict,
 )
+from workers.ratelimit import SlotForecast
 from workers.retry import backoff_delay, budget_spent
 
 log = logging.getLogger(__name__)
@@ -260,6 +264,132 @@ def run_batch(
     if batch is None:
         return BatchReport()
     return send_batch(batch, sessions=sessions, settings=settings, destination=destination, rng=rng)
+
+
+# How far ahead of a free request slot the next batch may be claimed. Claiming
+# takes a fraction of a second; a limiter blocked for longer holds no claims.
+CLAIM_AHEAD_SECONDS = 2.0
+
+
+class BatchPipeline:
+    """Batches one after another; under a backlog the next is claimed while this one is sent.
+
+    A worker that claimed and planned a batch only once a request slot had freed
+    left every slot idle for the length of a claim. Here, when a batch is full
+    (a backlog), a helper thread claims and plans the next batch as soon as the
+    limiter will have a slot within ``CLAIM_AHEAD_SECONDS``, while this batch
+    waits for its own slot, is sent and is recorded; the next one is then ready
+    when its slot frees. Its users are held by their own lease, so per-user order
+    and exclusivity are those of two workers.
+
+    A batch claimed ahead keeps its own deadline, counted from before its claim
+    and inside its lease, and the destination starts no call after it. One that
+    has less than half its time left when its turn comes is given back unsent
+    (no attempt, no budget spent) and a fresh batch is claimed, so no claim is
+    sent stale. At most one batch is claimed ahead; ``close`` gives back one that
+    was never sent.
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        destination: Destination,
+        limiter: Limiter,
+        rng: random.Random | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        self.sessions, self.settings = sessions, settings
+        self.destination, self.limiter = destination, limiter
+        self.rng, self.task_id = rng, task_id
+        self.batch_size = settings.destination(destination.name).batch_size
+        self.ahead = min(CLAIM_AHEAD_SECONDS, settings.batch_seconds / 4)
+        # SQLite (the embedded default) writes one transaction at a time: a claim ahead
+        # would only queue behind the recording of the batch before it.
+        bind = sessions.kw.get("bind")
+        self.may_claim_ahead = bind is None or bind.dialect.name != "sqlite"
+        self._executor: ThreadPoolExecutor | None = None
+        self._next: Future[ClaimedBatch | None] | None = None
+
+    @property
+    def claimed_ahead(self) -> bool:
+        """Whether a batch claimed ahead waits to be sent."""
+        return self._next is not None
+
+    def send_next(self, timeout: float, *, claim_ahead: bool = True) -> BatchReport | None:
+        """Send one batch: the one claimed ahead, else one claimed when a slot is near.
+
+        None when no slot came within ``timeout`` seconds or there is no due work.
+        With ``claim_ahead``, a full batch has the next one claimed while it is sent.
+        """
+        batch = self._take_next(timeout)
+        if batch is not None and batch.time_left() < self.settings.batch_seconds / 2:
+            log.info("a batch claimed ahead waited too long for its turn; claiming afresh")
+            self._release(batch)
+            batch = self._claim(timeout)
+        if batch is None:
+            return None
+        if claim_ahead and self.may_claim_ahead and batch.report.users >= self.batch_size:
+            self._next = self._pool().submit(contextvars.copy_context().run, self._claim, timeout)
+        return send_batch(
+            batch,
+            sessions=self.sessions,
+            settings=self.settings,
+            destination=self.destination,
+            rng=self.rng,
+        )
+
+    def close(self) -> None:
+        """Give back a batch claimed ahead and never sent, and stop the helper thread."""
+        future, self._next = self._next, None
+        try:
+            batch = future.result() if future is not None else None
+            if batch is not None:
+                self._release(batch)
+        except Exception:
+            # Its lease expires by itself and the sweep hands its work on: nothing is lost.
+            log.exception("could not give back the batch claimed ahead")
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim-ahead")
+        return self._executor
+
+    def _take_next(self, timeout: float) -> ClaimedBatch | None:
+        if self._next is None:
+            return self._claim(timeout)
+        future, self._next = self._next, None
+        return future.result()
+
+    def _claim(self, timeout: float) -> ClaimedBatch | None:
+        """Claim a batch once the limiter has a slot free, or will within ``self.ahead``."""
+        limiter = self.limiter
+        if isinstance(limiter, SlotForecast):
+            near = limiter.wait_for_capacity_within(max(timeout, 0.0), ahead=self.ahead)
+        else:
+            near = limiter.wait_for_capacity(timeout=max(timeout, 0.0))
+        if not near:
+            return None
+        return claim_batch(
+            sessions=self.sessions,
+            settings=self.settings,
+            destination=self.destination,
+            task_id=self.task_id,
+        )
+
+    def _release(self, batch: ClaimedBatch) -> None:
+        release_batch(
+            batch,
+            sessions=self.sessions,
+            settings=self.settings,
+            name=self.destination.name,
+            reason="claimed_ahead",
+        )
 
 
 def _record(

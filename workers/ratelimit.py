@@ -17,11 +17,17 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from workers.destinations.base import Limiter, LimiterTimeout
 
-__all__ = ["LimiterTimeout", "LocalRateLimiter", "RateLimiter", "RedisRateLimiter"]
+__all__ = [
+    "LimiterTimeout",
+    "LocalRateLimiter",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "SlotForecast",
+]
 
 # Leave a little room, so that our window and HubSpot's never disagree at the edge.
 WINDOW_MARGIN = 1.03
@@ -29,6 +35,15 @@ WINDOW_MARGIN = 1.03
 
 # The interface every limiter offers, declared where destinations see it.
 RateLimiter = Limiter
+
+
+@runtime_checkable
+class SlotForecast(Protocol):
+    """A limiter that can tell a slot is near, so that work is claimed before it frees."""
+
+    def wait_for_capacity_within(self, timeout: float, *, ahead: float) -> bool:
+        """Wait up to ``timeout`` seconds until a slot is free or frees within ``ahead``."""
+        ...
 
 
 _ACQUIRE = """
@@ -74,7 +89,8 @@ class RedisRateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._block = client.register_script(_BLOCK)
 
-    def _wait_us(self, *, peek: bool) -> int:
+    def _wait_us(self, *, peek: bool) -> int | None:
+        """Microseconds until a slot is free (0: taken, or free to take); None: no Redis."""
         try:
             return int(
                 self._acquire(
@@ -82,13 +98,16 @@ class RedisRateLimiter:
                     args=[self.limit, self.window_us, uuid.uuid4().hex, "1" if peek else "0"],
                 )
             )
-        except Exception:  # fail closed: no Redis, no request
-            return 500_000
+        except Exception:
+            return None
 
-    def _poll(self, timeout: float, *, peek: bool) -> bool:
+    def _poll(self, timeout: float, *, peek: bool, ahead: float = 0.0) -> bool:
         deadline = time.monotonic() + timeout
+        ahead_us = int(ahead * 1_000_000)
         while True:
-            wait_us = self._wait_us(peek=peek)
+            answer = self._wait_us(peek=peek)
+            # Fail closed: no Redis, no request, and no slot is near either.
+            wait_us = 500_000 if answer is None else answer - (ahead_us if peek else 0)
             if wait_us <= 0:
                 return True
             remaining = deadline - time.monotonic()
@@ -104,6 +123,10 @@ class RedisRateLimiter:
     def wait_for_capacity(self, timeout: float) -> bool:
         """Wait until a slot is free, without taking it (before claiming work)."""
         return self._poll(timeout, peek=True)
+
+    def wait_for_capacity_within(self, timeout: float, *, ahead: float) -> bool:
+        """Wait until a slot is free or frees within ``ahead`` seconds, taking none."""
+        return self._poll(timeout, peek=True, ahead=ahead)
 
     def block_for(self, seconds: float) -> None:
         """Stop every worker from sending for ``seconds`` (after a 429, say)."""
@@ -133,11 +156,11 @@ class LocalRateLimiter:
             return 0.0
         return self._sent[0] + self.window - now
 
-    def _poll(self, timeout: float, *, peek: bool) -> bool:
+    def _poll(self, timeout: float, *, peek: bool, ahead: float = 0.0) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                wait = self._wait(time.monotonic(), peek=peek)
+                wait = self._wait(time.monotonic(), peek=peek) - (ahead if peek else 0.0)
             if wait <= 0:
                 return True
             if time.monotonic() + wait > deadline:
@@ -150,6 +173,9 @@ class LocalRateLimiter:
 
     def wait_for_capacity(self, timeout: float) -> bool:
         return self._poll(timeout, peek=True)
+
+    def wait_for_capacity_within(self, timeout: float, *, ahead: float) -> bool:
+        return self._poll(timeout, peek=True, ahead=ahead)
 
     def block_for(self, seconds: float) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from models.db import transaction
 from models.guard import drop_stale_holds
 from models.outbox import has_due_work, reopen_unsettled
 from workers import app
-from workers.delivery import is_paused, run_batch
+from workers.delivery import BatchPipeline, is_paused
 from workers.maintenance import probe_paused, purge_finished
 from workers.runtime import runtime
 
@@ -79,26 +79,28 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
     if slots is not None and not slots.take(task_id):
         # Enough tasks serve this destination already: a slow one cannot take every worker.
         return 0
-    adapter = rt.destination(destination)
-    limiter = rt.limiter(destination)
+    batches = BatchPipeline(
+        sessions=rt.sessions,
+        settings=rt.settings,
+        destination=rt.destination(destination),
+        limiter=rt.limiter(destination),
+        rng=rt.rng,
+        task_id=self.request.id,
+    )
     deadline = time.monotonic() + TASK_TIME_BUDGET_SECONDS
     handled = 0
     try:
-        while time.monotonic() < deadline:
-            # Claim only when a request slot is free: a worker never sits on claimed
-            # users while it waits for the rate limit, and waiting holds nothing.
-            if not limiter.wait_for_capacity(timeout=max(1.0, deadline - time.monotonic())):
-                return handled
+        # A batch claimed ahead is always sent, even when the budget has just run out.
+        while time.monotonic() < deadline or batches.claimed_ahead:
             if slots is not None and not slots.take(task_id):
                 return handled  # the slot expired meanwhile and another task has it
-            report = run_batch(
-                sessions=rt.sessions,
-                settings=rt.settings,
-                destination=adapter,
-                rng=rt.rng,
-                task_id=self.request.id,
+            # Under a backlog the next batch is claimed while this one waits for its
+            # request slot (workers/delivery.py:BatchPipeline), each within its lease.
+            report = batches.send_next(
+                timeout=max(1.0, deadline - time.monotonic()),
+                claim_ahead=time.monotonic() < deadline,
             )
-            if report.claimed == 0:
+            if report is None:
                 return handled
             if report.users >= config.batch_size:
                 # A full batch means a backlog: bring one more worker in (coalesced).
@@ -110,6 +112,7 @@ def deliver(self, destination: str) -> int:  # type: ignore[no-untyped-def]
         wake(destination)  # more work remains: hand over to a fresh message
         return handled
     finally:
+        batches.close()  # a batch claimed ahead and not sent goes back unsent
         if slots is not None:
             slots.release(task_id)
         structlog.contextvars.unbind_contextvars("destination")
