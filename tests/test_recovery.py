@@ -441,3 +441,35 @@ def test_after_a_long_outage_the_next_pass_starts_at_the_watermark(
     # AUTH0_RECOVERY_RECHECK (6 h) bounds re-reading, never the unread part of the stream.
     assert report.window_from == now - timedelta(hours=24)
     assert (report.listed, report.stored) == (5, 5)
+
+
+def test_readyz_puts_what_is_wrong_now_before_the_missing_events_warning(
+    sessions: Any, auth0_settings: Settings, fake: FakeAuth0
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def add_pass(**fields: Any) -> None:
+        with sessions.begin() as session:
+            session.add(
+                Auth0RecoveryPass(
+                    stream_id=fake.stream_id,
+                    trigger="beat",
+                    window_from=now - timedelta(minutes=5),
+                    window_to=now,
+                    finished_at=now,
+                    **fields,
+                )
+            )
+
+    def line() -> str:
+        with sessions() as session:
+            return recovery_status(session, auth0_settings).line()
+
+    add_pass(stream_status="disabled", reenabled=True)
+    assert line().startswith("the Event Stream was disabled from")
+    add_pass(stream_status="enabled", error="Auth0 GET /api/v2/event-streams answered 403")
+    assert line() == ("the last recovery pass failed: Auth0 GET /api/v2/event-streams answered 403")
+    add_pass(stream_status="disabled")  # Auth0 disabled the stream again
+    assert line().startswith("the Event Stream is disabled")
+    with sessions() as session:
+        assert recovery_status(session, auth0_settings).missing_events is not None

@@ -529,15 +529,19 @@ class RecoveryStatus:
         }
 
     def line(self) -> str:
-        """One line for /readyz: ``off: <why>``, a warning, or ``ok``."""
+        """One line for /readyz: ``off: <why>``, a warning, or ``ok``.
+
+        What is wrong now comes before the missing-events warning, which stands
+        for ``DISABLED_WARNING`` whatever happens meanwhile and would hide it.
+        """
         if self.off:
             return self.off
-        if self.missing_events:
-            return self.missing_events
         if self.stream_disabled:
             return "the Event Stream is disabled; the next recovery pass re-enables it"
         if self.last_pass and self.last_pass.get("error"):
             return f"the last recovery pass failed: {self.last_pass['error']}"
+        if self.missing_events:
+            return self.missing_events
         return "ok"
 
 
