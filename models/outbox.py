@@ -65,33 +65,6 @@ def _delivery_insert(dialect: str) -> Any:
     return insert(Delivery)
 
 
-# On PostgreSQL the event and its deliveries are one statement: one round trip, and
-# on an autocommit connection no BEGIN or COMMIT either. Statement-level atomicity
-# keeps the promise of one transaction: both rows or neither. A duplicate (source, id)
-# inserts nothing, so new_event is empty and so is new_deliveries.
-_RECORD_ON_POSTGRESQL = text(
-    """
-    WITH new_event AS (
-        INSERT INTO events (source, event_id, type, subject, event_time, object_updated_at,
-                            status, ignore_reason, body_sha256, payload, received_via)
-        VALUES (:source, :event_id, :type, :subject, :event_time, :object_updated_at,
-                :status, :ignore_reason, :body_sha256, CAST(:payload AS jsonb), :received_via)
-        ON CONFLICT (source, event_id) DO NOTHING
-        RETURNING id
-    ), new_deliveries AS (
-        INSERT INTO deliveries (event_pk, destination, source, subject, status)
-        SELECT new_event.id, destination.name, :source, :subject, :pending
-        FROM new_event
-        CROSS JOIN unnest(CAST(:destinations AS varchar[])) WITH ORDINALITY
-            AS destination (name, position)
-        ORDER BY destination.position
-        RETURNING 1
-    )
-    SELECT (SELECT id FROM new_event)
-    """
-)
-
-
 def _insert(session: Session, table: Any) -> Any:
     """An INSERT that knows ON CONFLICT on the session's dialect."""
     dialect = session.get_bind().dialect.name
@@ -136,24 +109,6 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
     The unique constraint decides duplicates, so two identical posts racing each
     other store one event: the loser's INSERT does nothing and it reads the winner.
     """
-    return _record_event(session.connection(), event, destinations)
-
-
-def commit_event(*, engine: Engine, event: NewEvent, destinations: Sequence[str]) -> Recorded:
-    """``record_event`` in a transaction of its own: committed when this returns.
-
-    Ingest's path for one event. On PostgreSQL it is one statement; on an engine
-    made with ``make_engine(..., autocommit=True)`` that statement is the whole
-    transaction, with no BEGIN or COMMIT round trip (the final commit is then a
-    no-op). On any other engine the statements run in one transaction and commit.
-    """
-    with engine.connect() as connection:
-        recorded = _record_event(connection, event, destinations)
-        connection.commit()
-    return recorded
-
-
-def _record_event(connection: Connection, event: NewEvent, destinations: Sequence[str]) -> Recorded:
     values = {
         "source": event.source,
         "event_id": event.event_id,
@@ -167,39 +122,31 @@ def _record_event(connection: Connection, event: NewEvent, destinations: Sequenc
         "payload": event.payload,
         "received_via": event.received_via,
     }
-    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
+    connection = session.connection()
     dialect = connection.dialect.name
-    if dialect == "postgresql":
-        values.update(
-            status=event.status.value,
-            payload=json.dumps(event.payload),
-            destinations=list(targets),
-            pending=DeliveryStatus.PENDING.value,
-        )
-        event_pk = connection.execute(_RECORD_ON_POSTGRESQL, values).scalar_one_or_none()
-    else:
-        event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
-        if event_pk is not None and targets:
-            connection.execute(
-                _delivery_insert(dialect),
-                [
-                    {
-                        "event_pk": event_pk,
-                        "destination": name,
-                        "source": event.source,
-                        "subject": event.subject,
-                        "status": DeliveryStatus.PENDING,
-                    }
-                    for name in targets
-                ],
-            )
+    event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
     if event_pk is None:
-        stored = connection.execute(
+        stored = session.execute(
             select(Event.body_sha256).where(
                 Event.source == event.source, Event.event_id == event.event_id
             )
         ).scalar_one_or_none()
         return Recorded(duplicate=True, event_pk=None, stored_sha256=stored)
+    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
+    if targets:
+        connection.execute(
+            _delivery_insert(dialect),
+            [
+                {
+                    "event_pk": event_pk,
+                    "destination": name,
+                    "source": event.source,
+                    "subject": event.subject,
+                    "status": DeliveryStatus.PENDING,
+                }
+                for name in targets
+            ],
+        )
     return Recorded(duplicate=False, event_pk=event_pk, destinations=targets)
 
 
