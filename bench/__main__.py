@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks and print one markdown table.
 
-``make bench`` runs all five; ``--quick`` runs each briefly; ``--only`` picks some;
+``make bench`` runs them all; ``--quick`` runs each briefly; ``--only`` picks some;
 ``--profile ingest|delivery`` shows where idsync's time goes instead. Every size and
 duration is an option (``--help``). Targets are reported, never asserted: the exit
 status is 0 whenever the benchmarks ran, whatever they measured, and 1 when one of
@@ -51,9 +51,19 @@ from bench.report import (
     naive_rows,
     webhook_rows,
 )
+from bench.vendors import MAX_CEILING, VendorsOptions, run_vendors, vendors_rows
 from bench.webhook import WebhookOptions, run_webhook
 
-BENCHMARKS = ("ingest", "delivery", "naive", "isolation", "webhook", "claims", "backfill")
+BENCHMARKS = (
+    "ingest",
+    "delivery",
+    "naive",
+    "isolation",
+    "webhook",
+    "claims",
+    "backfill",
+    "vendors",
+)
 UNLIMITED = 1_000_000  # requests per second: no rate limit in practice
 
 # (full run, --quick) defaults of every size and duration.
@@ -76,6 +86,7 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "claims_ingest_rounds": (3, 1),
     "claims_ingest_seconds": (10, 3),
     "backfill_users": (100_000, 5_000),
+    "vendor_users": (4_000, 600),
 }
 
 
@@ -91,7 +102,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="ingest, delivery, naive, isolation, webhook or claims (repeat or comma-separate)",
+        help=f"{', '.join(BENCHMARKS)} (repeat or comma-separate)",
     )
     parser.add_argument(
         "--out",
@@ -230,6 +241,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     backfill = parser.add_argument_group("backfill (idsync backfill from the fake Auth0)")
     backfill.add_argument(
         "--backfill-users", type=int, help="users in the fake tenant (100000, quick 5000)"
+    )
+
+    vendors = parser.add_argument_group(
+        "vendors (Salesforce, Segment and Braze, each at its fake's ceiling)"
+    )
+    vendors.add_argument(
+        "--vendor-users", type=int, help="new users each vendor drains (4000, quick 600)"
+    )
+    vendors.add_argument(
+        "--vendor-ceiling",
+        type=int,
+        default=MAX_CEILING,
+        help=f"records per second each fake admits, and idsync's limit matched to it "
+        f"(default and most {MAX_CEILING})",
     )
 
     profile = parser.add_argument_group("profiling (instead of the benchmarks)")
@@ -516,6 +541,29 @@ class Runner:
             schema=self.schema(),
         )
         self.report.rows += backfill_rows(result)
+        self.report.notes += result.notes
+
+    def vendors(self) -> None:
+        args = self.args
+        self._quiet("vendors")
+        self._say(
+            f"vendors: {args.vendor_users} new users each to Salesforce, Segment and Braze "
+            f"at {args.vendor_ceiling} records/s"
+        )
+        result = run_vendors(
+            VendorsOptions(
+                users=args.vendor_users,
+                ceiling=args.vendor_ceiling,
+                timeout=args.delivery_timeout,
+                sweep_seconds=args.sweep_seconds,
+            ),
+            admin_url=args.pg_admin_url,
+            redis_url=args.redis_url,
+            run_id=self.run_id,
+            workdir=self._dir("vendors"),
+            schema=self.schema(),
+        )
+        self.report.rows += vendors_rows(result)
         self.report.notes += result.notes
 
     def _dir(self, name: str) -> Path:

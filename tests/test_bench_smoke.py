@@ -25,7 +25,7 @@ TINY = shlex.split(
     "--events 150 --updates 100 --capacity-events 50 --rate-limit 20 --delivery-timeout 90 "
     "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200 "
     "--backfill-users 300 --claims-depth 2000 --claims-count 3 --claims-drain-seconds 1 "
-    "--claims-ingest-rounds 1 --claims-ingest-seconds 1"
+    "--claims-ingest-rounds 1 --claims-ingest-seconds 1 --vendor-users 200"
 )
 
 
@@ -84,6 +84,7 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         "webhook",
         "claims",
         "backfill",
+        "vendors",
     }
     assert {"CPU", "cores", "Python", "PostgreSQL", "Redis", "load generator"} <= set(
         by_benchmark["machine"]
@@ -98,8 +99,9 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
     ]
     # Three ingest targets, two per delivery phase plus memory, the naive ratio, the
     # isolation ratio, the webhook ratio, the claim time at one depth, the store path's
-    # ratio with a full outbox, and the backfill rate.
-    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    # ratio with a full outbox, the backfill rate, and per vendor (Salesforce, Segment,
+    # Braze) its drain rate against its fake's ceiling and its share of limit answers.
+    assert len(targets) == 3 + 2 * 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 3 * 2
     for benchmark, measure, (result, _target, met) in targets:
         assert NUMBER.search(result), (benchmark, measure, result)
         assert "n/a" not in result, (benchmark, measure, result)
@@ -128,4 +130,6 @@ def test_every_size_is_an_option() -> None:
     ]
     assert quick.isolation_users < full.isolation_users and full.isolation_users >= 20_000
     assert quick.webhook_users < full.webhook_users
+    assert quick.vendor_users < full.vendor_users and full.vendor_ceiling <= 200
+    assert "vendors" in parse_args([]).only
     assert parse_args(["--quick", "--events", "7"]).events == 7
