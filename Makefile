@@ -29,7 +29,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## Benchmarks: ingest, delivery, naive, isolation, webhook, backfill, claims (see python -m bench --help).
+## Benchmarks: ingest, delivery, naive, isolation, webhook, backfill, claims, vendors (see python -m bench --help).
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
