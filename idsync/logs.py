@@ -52,6 +52,10 @@ _SECRET_PARAMETER = re.compile(
     r"(?i)\b(hapikey|api[_-]?key|access[_-]?token|refresh[_-]?token|token|password|secret)"
     r"(=|\"?\s*:\s*\")([^&\s\"',;]+)"
 )
+# Every pattern above needs one of these in the text (an "@", "=", "://", a colon before
+# a quote, or a credential keyword), so text without any is left as it is after one scan:
+# most log strings (timestamps, paths, logger names) never run the five substitutions.
+_MAYBE_SENSITIVE = re.compile(r"""(?i)[@=]|://|:\s*"|bearer|basic|authorization""")
 # Values shorter than this are not treated as secrets: they would mask ordinary words.
 _MIN_SECRET_LENGTH = 6
 _secrets: set[str] = set()
@@ -73,6 +77,8 @@ def scrub(text: str) -> str:
     """Mask every email address and credential in free text."""
     for secret in _secrets:
         text = text.replace(secret, "***")
+    if _MAYBE_SENSITIVE.search(text) is None:
+        return text
     text = _BEARER.sub(r"\1 ***", text)
     text = _AUTHORIZATION.sub(r"\1***", text)
     text = _URL_PASSWORD.sub(r"\1***@", text)

@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 
 from flask import Flask, Response, jsonify
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
@@ -33,6 +33,8 @@ class IngestState:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # Records the webhook's events (``models.outbox.commit_event``); autocommit on PostgreSQL.
+    recorder: Engine
     waker: Waker
     metrics: IngestMetrics
 
@@ -49,10 +51,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     # No ping before each request: that is a round trip on every event. A dead
     # pooled connection fails one request with 503 (Auth0 retries it) and is dropped.
     engine = make_engine(settings.database_url, pool_pre_ping=False, pool_recycle=300)
+    recorder = engine
+    if engine.dialect.name == "postgresql":
+        # Each event is one INSERT statement that commits by itself: a pool of autocommit
+        # connections of its own saves the BEGIN and COMMIT round trips of every request.
+        recorder = make_engine(
+            settings.database_url, autocommit=True, pool_pre_ping=False, pool_recycle=300
+        )
+        event.listen(engine, "engine_disposed", lambda _engine: recorder.dispose())
     app.extensions["idsync"] = IngestState(
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
+        recorder=recorder,
         waker=Waker(settings),
         metrics=IngestMetrics(),
     )

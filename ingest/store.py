@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +29,7 @@ from ingest.validation import (
     to_new_event,
 )
 from models.db import transaction
-from models.outbox import NewEvent, record_event
+from models.outbox import NewEvent, commit_event
 from models.tables import EventStatus, Quarantine, ReceivedVia
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,14 @@ def store_document(
     document: Any,
     body: bytes,
     received_via: ReceivedVia = ReceivedVia.WEBHOOK,
+    engine: Engine | None = None,
 ) -> StoreResult:
     """Store one parsed CloudEvent the way the webhook does, then wake its destinations.
 
     ``body`` is what the quarantine keeps when the event is refused. Nothing
-    enters the outbox unless the result is committed.
+    enters the outbox unless the result is committed. ``engine`` records the
+    event (the webhook's autocommit engine, see ``models.outbox.commit_event``);
+    by default the engine of ``sessions``.
     """
     try:
         if not source_allowed(settings, document):
@@ -140,11 +144,12 @@ def store_document(
     except InvalidEvent as error:
         return quarantine(sessions, body, str(error), document)
     event = replace(event, body_sha256=document_sha256(document), received_via=received_via.value)
-    return _record(sessions, settings, waker, event, body, document)
+    return _record(sessions, engine or sessions.kw["bind"], settings, waker, event, body, document)
 
 
 def _record(
     sessions: sessionmaker[Session],
+    engine: Engine,
     settings: Settings,
     waker: Wakes,
     event: NewEvent,
@@ -152,10 +157,7 @@ def _record(
     document: Any,
 ) -> StoreResult:
     try:
-        with transaction(sessions) as session:
-            recorded = record_event(
-                session=session, event=event, destinations=settings.destinations
-            )
+        recorded = commit_event(engine=engine, event=event, destinations=settings.destinations)
     except DataError as error:
         # Validation should have caught this value: the database refuses this body,
         # and would refuse every retry of it, so keep it and say so.

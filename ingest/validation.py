@@ -35,6 +35,8 @@ NON_FINITE_NUMBER = (
 )
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# What json.dumps (ASCII output) writes for a NUL or a surrogate: a superset of the unstorable.
+_ESCAPED_UNSTORABLE = re.compile(r"\\u(?:0000|d[89a-f])")
 
 
 def _column_length(name: str) -> int:
@@ -88,12 +90,31 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text.replace("\x00", ""))
 
 
+def _plainly_storable(value: Any) -> bool:
+    """Whether ``value`` certainly holds nothing to clean or refuse, decided at C speed.
+
+    ``json.dumps`` refuses non-finite numbers (``allow_nan=False``) and writes every NUL
+    and unpaired surrogate as an escape (``\\u0000``, ``\\udxxx``); the brackets it
+    writes bound the nesting depth. A False only means: walk the value and see.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return (
+        text.count("[") + text.count("{") <= MAX_DEPTH and _ESCAPED_UNSTORABLE.search(text) is None
+    )
+
+
 def storable(value: Any, depth: int = 1) -> Any:
-    """A copy of the JSON ``value`` that the database can hold (strings cleaned).
+    """The JSON ``value`` as the database can hold it: a copy with strings cleaned
+    when any needs it, else ``value`` itself.
 
     Raises ``InvalidEvent`` when it is nested deeper than ``MAX_DEPTH`` or holds a
     number that is not finite; the recursion stops at ``MAX_DEPTH``.
     """
+    if depth == 1 and isinstance(value, dict | list) and _plainly_storable(value):
+        return value  # most events: no walk, no copy
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, float) and not math.isfinite(value):

@@ -95,6 +95,7 @@ def receive_auth0_event() -> tuple[Response, int]:
         waker=state.waker,
         document=document,
         body=body,
+        engine=state.recorder,
     )
     return _answer_result(result)
 

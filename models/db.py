@@ -32,8 +32,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, **options: Any) -> Engine:
-    """An engine for ``url`` with the settings idsync relies on per database."""
+def make_engine(url: str, *, autocommit: bool = False, **options: Any) -> Engine:
+    """An engine for ``url`` with the settings idsync relies on per database.
+
+    ``autocommit`` makes every statement its own transaction on PostgreSQL, for work
+    that is one statement (``models.outbox.commit_event``); SQLite ignores it, so
+    that work whose statements must commit together still does.
+    """
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
@@ -42,6 +47,8 @@ def make_engine(url: str, **options: Any) -> Engine:
     options.setdefault("pool_pre_ping", True)
     options.setdefault("pool_size", 5)
     options.setdefault("connect_args", {"connect_timeout": 5})
+    if autocommit:
+        options["isolation_level"] = "AUTOCOMMIT"
     return create_engine(url, **options)
 
 

@@ -6,6 +6,7 @@ caller (a request, a task run) owns the transaction.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
+    Engine,
     Integer,
     String,
     and_,
@@ -26,6 +29,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     union_all,
     update,
@@ -63,6 +67,33 @@ def _event_insert(dialect: str) -> Any:
 @cache
 def _delivery_insert(dialect: str) -> Any:
     return insert(Delivery)
+
+
+# On PostgreSQL the event and its deliveries are one statement: one round trip, and
+# on an autocommit connection no BEGIN or COMMIT either. Statement-level atomicity
+# keeps the promise of one transaction: both rows or neither. A duplicate (source, id)
+# inserts nothing, so new_event is empty and so is new_deliveries.
+_RECORD_ON_POSTGRESQL = text(
+    """
+    WITH new_event AS (
+        INSERT INTO events (source, event_id, type, subject, event_time, object_updated_at,
+                            status, ignore_reason, body_sha256, payload, received_via)
+        VALUES (:source, :event_id, :type, :subject, :event_time, :object_updated_at,
+                :status, :ignore_reason, :body_sha256, CAST(:payload AS jsonb), :received_via)
+        ON CONFLICT (source, event_id) DO NOTHING
+        RETURNING id
+    ), new_deliveries AS (
+        INSERT INTO deliveries (event_pk, destination, source, subject, status)
+        SELECT new_event.id, destination.name, :source, :subject, :pending
+        FROM new_event
+        CROSS JOIN unnest(CAST(:destinations AS varchar[])) WITH ORDINALITY
+            AS destination (name, position)
+        ORDER BY destination.position
+        RETURNING 1
+    )
+    SELECT (SELECT id FROM new_event)
+    """
+)
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -109,7 +140,25 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
     The unique constraint decides duplicates, so two identical posts racing each
     other store one event: the loser's INSERT does nothing and it reads the winner.
     """
-    values = {
+    return _record_event(session.connection(), event, destinations)
+
+
+def commit_event(*, engine: Engine, event: NewEvent, destinations: Sequence[str]) -> Recorded:
+    """``record_event`` in a transaction of its own: committed when this returns.
+
+    Ingest's path for one event. On PostgreSQL it is one statement; on an engine
+    made with ``make_engine(..., autocommit=True)`` that statement is the whole
+    transaction, with no BEGIN or COMMIT round trip (the final commit is then a
+    no-op). On any other engine the statements run in one transaction and commit.
+    """
+    with engine.connect() as connection:
+        recorded = _record_event(connection, event, destinations)
+        connection.commit()
+    return recorded
+
+
+def _record_event(connection: Connection, event: NewEvent, destinations: Sequence[str]) -> Recorded:
+    values: dict[str, Any] = {
         "source": event.source,
         "event_id": event.event_id,
         "type": event.type,
@@ -122,31 +171,39 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
         "payload": event.payload,
         "received_via": event.received_via,
     }
-    connection = session.connection()
+    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
     dialect = connection.dialect.name
-    event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
+    if dialect == "postgresql":
+        values.update(
+            status=event.status.value,
+            payload=json.dumps(event.payload),
+            destinations=list(targets),
+            pending=DeliveryStatus.PENDING.value,
+        )
+        event_pk = connection.execute(_RECORD_ON_POSTGRESQL, values).scalar_one_or_none()
+    else:
+        event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
+        if event_pk is not None and targets:
+            connection.execute(
+                _delivery_insert(dialect),
+                [
+                    {
+                        "event_pk": event_pk,
+                        "destination": name,
+                        "source": event.source,
+                        "subject": event.subject,
+                        "status": DeliveryStatus.PENDING,
+                    }
+                    for name in targets
+                ],
+            )
     if event_pk is None:
-        stored = session.execute(
+        stored = connection.execute(
             select(Event.body_sha256).where(
                 Event.source == event.source, Event.event_id == event.event_id
             )
         ).scalar_one_or_none()
         return Recorded(duplicate=True, event_pk=None, stored_sha256=stored)
-    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
-    if targets:
-        connection.execute(
-            _delivery_insert(dialect),
-            [
-                {
-                    "event_pk": event_pk,
-                    "destination": name,
-                    "source": event.source,
-                    "subject": event.subject,
-                    "status": DeliveryStatus.PENDING,
-                }
-                for name in targets
-            ],
-        )
     return Recorded(duplicate=False, event_pk=event_pk, destinations=targets)
 
 

@@ -7,10 +7,11 @@ import time
 import redis
 
 from idsync.settings import Settings
+from idsync.wakeups import Waker
 from ingest import create_app
 from tests.conftest import REDIS_URL
 from tests.events import auth0_event
-from tests.processes import flush_prefix
+from tests.processes import flush_prefix, wait_for
 
 
 def test_a_burst_of_events_publishes_a_handful_of_messages(settings: Settings, db: None) -> None:
@@ -35,3 +36,40 @@ def test_a_burst_of_events_publishes_a_handful_of_messages(settings: Settings, d
     # One wake-up per token lifetime at most, however many events arrive.
     allowed = 1 + int(elapsed / settings.wakeup_token_seconds) + 1
     assert 1 <= messages <= allowed, (messages, elapsed)
+
+
+class _CountingWaker(Waker):
+    """A Waker whose publish only records when it happened."""
+
+    def __init__(self, settings: Settings, quiet_seconds: float) -> None:
+        super().__init__(settings, quiet_seconds=quiet_seconds)
+        self.published: list[tuple[str, float]] = []
+
+    def _publish(self, destination: str) -> bool:
+        self.published.append((destination, time.monotonic()))
+        return True
+
+
+def test_a_process_asks_redis_once_per_quiet_time_and_never_drops_the_last_wakeup(
+    settings: Settings,
+) -> None:
+    waker = _CountingWaker(settings, quiet_seconds=0.2)
+    try:
+        assert waker.wake("hubspot"), "the first wake-up goes out at once"
+        first_at = waker.published[0][1]
+        for _ in range(200):
+            assert not waker.wake("hubspot")  # owed, within the quiet time
+        assert waker.wake("salesforce"), "each destination has a quiet time of its own"
+        # The owed wake-up is sent when the quiet time ends, with no further request.
+        wait_for(lambda: len(waker.published) == 3, 10, "the owed wake-up")
+        trailing = [at for name, at in waker.published if name == "hubspot"][1]
+        assert trailing - first_at >= 0.2
+        # Nothing more is owed: no further publish follows.
+        time.sleep(0.3)
+        assert len(waker.published) == 3
+        # A wake-up owed when the process stops is sent by close().
+        waker.wake("hubspot")
+        waker.wake("hubspot")
+    finally:
+        waker.close()
+    assert [name for name, _ in waker.published].count("hubspot") == 4
