@@ -349,6 +349,10 @@ def test_every_destination_ends_at_the_newest_state_and_a_revoked_braze_catches_
             braze.restore()
             wait_for(lambda: open_count(stack, "braze") == 0, 30, "Braze to catch up")
             assert braze_problems(braze, newest) == []
+            # Nothing reached Braze before the key came back: a user deprovisioned by then
+            # was never written, and is not written now to deprovision it.
+            gone = {u.user_id for u in newest.values() if u.deprovisioned}
+            assert gone.isdisjoint(braze.profiles()), sorted(gone & set(braze.profiles()))
             assert "failed" not in " ".join(statuses(stack, "braze")), statuses(stack, "braze")
             assert readiness(stack)["braze"] == "ok"
             # Braze's catching up sent nothing more to the others.

@@ -393,6 +393,25 @@ def test_a_profile_claimed_before_a_refused_call_is_still_cleared_of_the_mark(
     }
 
 
+def test_a_user_claimed_before_a_refused_call_is_not_written_to_deprovision_it(
+    fake: FakeBraze, make: Any
+) -> None:
+    fake.revoke()
+    destination = make()
+    assert deliver(destination, intent())["1"].verdict is Verdict.PAUSE
+    fake.restore()
+    # Blocked before anything reached Braze; the link kept the id it claimed.
+    blocked = intent(state=user(blocked=True), link=LinkState(external_id=record_id("auth0|1")))
+    outcome = deliver(destination, blocked)["1"]
+    assert (outcome.verdict, outcome.reason) == (Verdict.SKIPPED, "not_linked")
+    assert fake.profiles() == {}
+    # A write whose answer never came may have made the profile: that one is marked.
+    unsure = LinkState(external_id=record_id("auth0|1"), uncertain=True)
+    marked = deliver(destination, intent(state=user(blocked=True), link=unsure))["1"]
+    assert marked.verdict is Verdict.SUCCEEDED
+    assert fake.profile("auth0|1") == {"idsync_deprovisioned": True}
+
+
 # Probe and read
 
 

@@ -200,13 +200,12 @@ class BrazeDestination:
         """The write that brings this user to its newest state, or its outcome without one."""
         user, link = intent.user, intent.link
         # The link takes the profile id before the first call, which may then be refused
-        # (a revoked key): only a state that reached Braze makes the link hold it live.
-        holds = (
-            link.external_id == record_id(user.subject)
-            and not link.deprovisioned
-            and link.properties_hash is not None
+        # (a revoked key): only a state that reached Braze (or may have) makes it written.
+        written = link.external_id is not None and (
+            link.properties_hash is not None or link.uncertain
         )
-        if user.deprovisioned and link.external_id is None:
+        holds = link.external_id == record_id(user.subject) and not link.deprovisioned and written
+        if user.deprovisioned and not written:
             return Outcome(
                 Verdict.SKIPPED,
                 reason="not_linked",
