@@ -203,6 +203,7 @@ def run_demo(keep_files: bool = False) -> int:
             targets = [start_destination(name, os.environ, fakes.enter_context) for name in names]
         except ValueError as error:
             console.print(f"[red]The demo could not run:[/] {error}")
+            shutil.rmtree(workdir, ignore_errors=True)
             return 2
         env = {
             "DATABASE_URL": f"sqlite:///{workdir / 'idsync.db'}",
@@ -223,7 +224,7 @@ def run_demo(keep_files: bool = False) -> int:
             )
             start_services(stack, port)
             ok = _play(port, token, Settings(database_url=env["DATABASE_URL"]), targets)
-        except (RuntimeError, TimeoutError) as error:
+        except (RuntimeError, TimeoutError, ValueError) as error:  # ValueError: a bad setting
             console.print(f"[red]The demo could not run:[/] {error}")
             ok = False
         finally:
