@@ -29,13 +29,12 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
     tuple_,
     union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from models.base import UTCDateTime
@@ -72,28 +71,28 @@ def _delivery_insert(dialect: str) -> Any:
 # On PostgreSQL the event and its deliveries are one statement: one round trip, and
 # on an autocommit connection no BEGIN or COMMIT either. Statement-level atomicity
 # keeps the promise of one transaction: both rows or neither. A duplicate (source, id)
-# inserts nothing, so new_event is empty and so is new_deliveries.
-_RECORD_ON_POSTGRESQL = text(
-    """
-    WITH new_event AS (
-        INSERT INTO events (source, event_id, type, subject, event_time, object_updated_at,
-                            status, ignore_reason, body_sha256, payload, received_via)
-        VALUES (:source, :event_id, :type, :subject, :event_time, :object_updated_at,
-                :status, :ignore_reason, :body_sha256, CAST(:payload AS jsonb), :received_via)
-        ON CONFLICT (source, event_id) DO NOTHING
-        RETURNING id
-    ), new_deliveries AS (
-        INSERT INTO deliveries (event_pk, destination, source, subject, status)
-        SELECT new_event.id, destination.name, :source, :subject, :pending
-        FROM new_event
-        CROSS JOIN unnest(CAST(:destinations AS varchar[])) WITH ORDINALITY
-            AS destination (name, position)
-        ORDER BY destination.position
-        RETURNING 1
-    )
-    SELECT (SELECT id FROM new_event)
-    """
+# inserts nothing, so new_event is empty and so is new_deliveries. It is written in
+# the driver's own parameter style because ingest runs it on the DBAPI cursor.
+_RECORD_ON_POSTGRESQL = """
+WITH new_event AS (
+    INSERT INTO events (source, event_id, type, subject, event_time, object_updated_at,
+                        status, ignore_reason, body_sha256, payload, received_via)
+    VALUES (%(source)s, %(event_id)s, %(type)s, %(subject)s, %(event_time)s,
+            %(object_updated_at)s, %(status)s, %(ignore_reason)s, %(body_sha256)s,
+            CAST(%(payload)s AS jsonb), %(received_via)s)
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING id
+), new_deliveries AS (
+    INSERT INTO deliveries (event_pk, destination, source, subject, status)
+    SELECT new_event.id, destination.name, %(source)s, %(subject)s, %(pending)s
+    FROM new_event
+    CROSS JOIN unnest(CAST(%(destinations)s AS varchar[])) WITH ORDINALITY
+        AS destination (name, position)
+    ORDER BY destination.position
+    RETURNING 1
 )
+SELECT (SELECT id FROM new_event)
+"""
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -146,65 +145,137 @@ def record_event(*, session: Session, event: NewEvent, destinations: Sequence[st
 def commit_event(*, engine: Engine, event: NewEvent, destinations: Sequence[str]) -> Recorded:
     """``record_event`` in a transaction of its own: committed when this returns.
 
-    Ingest's path for one event. On PostgreSQL it is one statement; on an engine
-    made with ``make_engine(..., autocommit=True)`` that statement is the whole
-    transaction, with no BEGIN or COMMIT round trip (the final commit is then a
-    no-op). On any other engine the statements run in one transaction and commit.
+    Ingest's path for one event. On PostgreSQL it is one statement, run on the
+    DBAPI cursor of a pooled connection (a request's SQLAlchemy bookkeeping costs
+    more than the statement); on an engine made with ``make_engine(...,
+    autocommit=True)`` that statement is the whole transaction, with no BEGIN or
+    COMMIT round trip. Errors are SQLAlchemy's, as on any other path, and a
+    connection found dead is dropped from the pool. On any other database the
+    statements run in one transaction and commit.
     """
-    with engine.connect() as connection:
-        recorded = _record_event(connection, event, destinations)
-        connection.commit()
-    return recorded
+    if engine.dialect.name != "postgresql":
+        with engine.connect() as connection:
+            recorded = _record_event(connection, event, destinations)
+            connection.commit()
+        return recorded
+    values = _postgresql_values(event, destinations)
+    event_pk = _execute_on_cursor(engine, _RECORD_ON_POSTGRESQL, values)
+    if event_pk is None:
+        with engine.connect() as connection:
+            return Recorded(
+                duplicate=True, event_pk=None, stored_sha256=_stored_sha256(connection, event)
+            )
+    return Recorded(duplicate=False, event_pk=event_pk, destinations=tuple(values["destinations"]))
 
 
-def _record_event(connection: Connection, event: NewEvent, destinations: Sequence[str]) -> Recorded:
-    values: dict[str, Any] = {
+def _execute_on_cursor(engine: Engine, statement: str, values: dict[str, Any]) -> Any:
+    """The first column of the one row ``statement`` returns, committed (a no-op on autocommit)."""
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    try:
+        pooled = engine.raw_connection()
+    except dbapi_error as error:  # the database cannot be reached
+        raise DBAPIError.instance(None, None, error, dbapi_error) from error
+    try:
+        cursor = pooled.cursor()
+        try:
+            cursor.execute(statement, values)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        pooled.commit()
+    except dbapi_error as error:
+        dead = engine.dialect.is_disconnect(error, pooled.dbapi_connection, None)
+        if dead:
+            pooled.invalidate(error)
+        raise DBAPIError.instance(
+            statement, values, error, dbapi_error, connection_invalidated=dead
+        ) from error
+    finally:
+        pooled.close()
+    return row[0] if row else None
+
+
+def _targets(event: NewEvent, destinations: Sequence[str]) -> tuple[str, ...]:
+    return tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
+
+
+def _postgresql_values(event: NewEvent, destinations: Sequence[str]) -> dict[str, Any]:
+    return {
         "source": event.source,
         "event_id": event.event_id,
         "type": event.type,
         "subject": event.subject,
         "event_time": event.event_time,
         "object_updated_at": event.object_updated_at,
-        "status": event.status,
+        "status": event.status.value,
         "ignore_reason": event.ignore_reason,
         "body_sha256": event.body_sha256,
-        "payload": event.payload,
+        "payload": json.dumps(event.payload),
         "received_via": event.received_via,
+        "destinations": list(_targets(event, destinations)),
+        "pending": DeliveryStatus.PENDING.value,
     }
-    targets = tuple(destinations) if event.status is EventStatus.ACCEPTED else ()
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        values.update(
-            status=event.status.value,
-            payload=json.dumps(event.payload),
-            destinations=list(targets),
-            pending=DeliveryStatus.PENDING.value,
+
+
+def _stored_sha256(connection: Connection, event: NewEvent) -> str | None:
+    return connection.execute(
+        select(Event.body_sha256).where(
+            Event.source == event.source, Event.event_id == event.event_id
         )
-        event_pk = connection.execute(_RECORD_ON_POSTGRESQL, values).scalar_one_or_none()
-    else:
-        event_pk = connection.execute(_event_insert(dialect), values).scalar_one_or_none()
-        if event_pk is not None and targets:
-            connection.execute(
-                _delivery_insert(dialect),
-                [
-                    {
-                        "event_pk": event_pk,
-                        "destination": name,
-                        "source": event.source,
-                        "subject": event.subject,
-                        "status": DeliveryStatus.PENDING,
-                    }
-                    for name in targets
-                ],
-            )
-    if event_pk is None:
-        stored = connection.execute(
-            select(Event.body_sha256).where(
-                Event.source == event.source, Event.event_id == event.event_id
-            )
+    ).scalar_one_or_none()
+
+
+def _record_event(connection: Connection, event: NewEvent, destinations: Sequence[str]) -> Recorded:
+    targets = _targets(event, destinations)
+    if connection.dialect.name == "postgresql":
+        event_pk = connection.exec_driver_sql(
+            _RECORD_ON_POSTGRESQL, _postgresql_values(event, destinations)
         ).scalar_one_or_none()
-        return Recorded(duplicate=True, event_pk=None, stored_sha256=stored)
+    else:
+        event_pk = _record_in_two_statements(connection, event, targets)
+    if event_pk is None:
+        return Recorded(
+            duplicate=True, event_pk=None, stored_sha256=_stored_sha256(connection, event)
+        )
     return Recorded(duplicate=False, event_pk=event_pk, destinations=targets)
+
+
+def _record_in_two_statements(
+    connection: Connection, event: NewEvent, targets: tuple[str, ...]
+) -> int | None:
+    """The event, then its deliveries: for databases without INSERT in a WITH (SQLite)."""
+    dialect = connection.dialect.name
+    event_pk: int | None = connection.execute(
+        _event_insert(dialect),
+        {
+            "source": event.source,
+            "event_id": event.event_id,
+            "type": event.type,
+            "subject": event.subject,
+            "event_time": event.event_time,
+            "object_updated_at": event.object_updated_at,
+            "status": event.status,
+            "ignore_reason": event.ignore_reason,
+            "body_sha256": event.body_sha256,
+            "payload": event.payload,
+            "received_via": event.received_via,
+        },
+    ).scalar_one_or_none()
+    if event_pk is not None and targets:
+        connection.execute(
+            _delivery_insert(dialect),
+            [
+                {
+                    "event_pk": event_pk,
+                    "destination": name,
+                    "source": event.source,
+                    "subject": event.subject,
+                    "status": DeliveryStatus.PENDING,
+                }
+                for name in targets
+            ],
+        )
+    return event_pk
 
 
 # Claiming a user's work (workers)
@@ -415,46 +486,50 @@ def _new_links(dialect: str) -> Any:
     return statement.returning(*_LINK_COLUMNS)
 
 
-def _users_param(dialect: str, source: Any, subject: Any) -> Any:
-    """``(source, subject)`` is one of the users passed as parameters.
+def _users_match(dialect: str, table: Any) -> Any:
+    """``(source, subject)`` of ``table`` is one of the users passed as parameters.
 
-    On PostgreSQL the users travel as two arrays, so the statement has the same short
-    text for any batch: psycopg prepares it once and the planner joins the pairs
-    against an index, instead of planning an OR of a hundred pairs on every claim.
+    SQLite: a tuple IN of the pairs. PostgreSQL: each column against its own array,
+    which the indexes on (destination, source, subject, ...) answer with a few probes
+    at any size of the table, then the exact pairs checked row by row (``_user_key``).
+    The statement text is the same for any batch (psycopg prepares it once), and no
+    plan, generic or custom, with or without statistics of a table just filled, can
+    turn it into a scan of the backlog matched against every user.
     """
     if dialect != "postgresql":
-        return tuple_(source, subject).in_(bindparam("users", expanding=True))
-    pairs = select(
-        func.unnest(bindparam("sources", type_=postgresql.ARRAY(String))),
-        func.unnest(bindparam("subjects", type_=postgresql.ARRAY(String))),
+        return tuple_(table.c.source, table.c.subject).in_(bindparam("users", expanding=True))
+    key = func.length(table.c.source).cast(String) + ":" + table.c.source + table.c.subject
+    return and_(
+        table.c.source == any_(bindparam("sources", type_=postgresql.ARRAY(String))),
+        table.c.subject == any_(bindparam("subjects", type_=postgresql.ARRAY(String))),
+        key == any_(bindparam("keys", type_=postgresql.ARRAY(String))),
     )
-    return tuple_(source, subject).in_(pairs)
+
+
+def _users_parameters(dialect: str, users: list[tuple[str, str]]) -> dict[str, Any]:
+    """The parameters ``_users_match`` reads."""
+    if dialect != "postgresql":
+        return {"users": users}
+    return {
+        "sources": sorted({source for source, _ in users}),
+        "subjects": [subject for _, subject in users],
+        "keys": [_user_key(*user) for user in users],
+    }
 
 
 @cache
 def _free_links(dialect: str) -> Any:
     """Lease the existing links of the given users that nobody holds; their rows back.
 
-    Locked rows are skipped (another worker is taking them). On PostgreSQL each
-    column is matched against its own array, which the unique index on
-    (destination, source, subject) answers with a few probes at any size of the
-    table, the exact pairs are checked row by row (``_user_key``), and the locked
-    ids reach the UPDATE as one array, so it probes the primary key: no plan here
-    reads the whole table.
+    Locked rows are skipped (another worker is taking them). The users are found
+    through the unique index (``_users_match``) and, on PostgreSQL, the locked ids
+    reach the UPDATE as one array, so it probes the primary key: no plan here reads
+    the whole table.
     """
     destination = bindparam("dest", type_=String())
     now = bindparam("now", type_=UTCDateTime())
     free = or_(_LINKS.c.lease_token.is_(None), _LINKS.c.lease_expires_at < now)
-    users: Any
-    if dialect != "postgresql":
-        users = tuple_(_LINKS.c.source, _LINKS.c.subject).in_(bindparam("users", expanding=True))
-    else:
-        key = func.length(_LINKS.c.source).cast(String) + ":" + _LINKS.c.source + _LINKS.c.subject
-        users = and_(
-            _LINKS.c.source == any_(bindparam("sources", type_=postgresql.ARRAY(String))),
-            _LINKS.c.subject == any_(bindparam("subjects", type_=postgresql.ARRAY(String))),
-            key == any_(bindparam("keys", type_=postgresql.ARRAY(String))),
-        )
+    users = _users_match(dialect, _LINKS)
     locked = (
         select(_LINKS.c.id)
         .where(_LINKS.c.destination == destination, users, free)
@@ -487,7 +562,7 @@ def _take_deliveries(dialect: str) -> Any:
         update(_DELIVERIES)
         .where(
             _DELIVERIES.c.destination == destination,
-            _users_param(dialect, _DELIVERIES.c.source, _DELIVERIES.c.subject),
+            _users_match(dialect, _DELIVERIES),
             _due(destination, now),
         )
         .values(
@@ -563,11 +638,6 @@ def claim_due(
         created = connection.execute(
             _new_links(dialect), {**lease_values, "sources": sources, "subjects": subjects}
         ).all()
-        found = {
-            "sources": sorted(set(sources)),
-            "subjects": subjects,
-            "keys": [_user_key(*user) for user in users],
-        }
     else:
         created = connection.execute(
             _new_links(dialect),
@@ -582,8 +652,9 @@ def claim_due(
                 for source, subject in users
             ],
         ).all()
-        found = {"users": users}
-    free = connection.execute(_free_links(dialect), {**lease_values, "now": now, **found}).all()
+    free = connection.execute(
+        _free_links(dialect), {**lease_values, "now": now, **_users_parameters(dialect, users)}
+    ).all()
     rank = {user: index for index, user in enumerate(users)}
     links = sorted(
         (ClaimedLink(*row) for row in [*created, *free]),
@@ -592,11 +663,7 @@ def claim_due(
     if not links:
         return Claim(token=token, now=now, expires_at=expires_at, users=[])
     held = [(link.source, link.subject) for link in links]
-    taken = {**lease_values, "now": now, "task": task_id}
-    if dialect == "postgresql":
-        taken |= {"sources": [u[0] for u in held], "subjects": [u[1] for u in held]}
-    else:
-        taken["users"] = held
+    taken = {**lease_values, "now": now, "task": task_id, **_users_parameters(dialect, held)}
     claimed = _claimed(connection, dialect, taken)
     return Claim(
         token=token,

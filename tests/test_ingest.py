@@ -249,6 +249,30 @@ def test_database_down_is_503_and_the_retry_is_accepted_once(
     assert counts(sessions) == (1, 1, 0)
 
 
+def test_a_pooled_connection_that_died_costs_one_503_and_is_replaced(
+    app_settings: Settings, database_url: str, sessions: Any
+) -> None:
+    port = int(database_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(port)
+    proxied_url = database_url.replace(f":{port}/", f":{proxy.port}/")
+    app = create_app(app_settings.model_copy(update={"database_url": proxied_url}))
+    client = app.test_client()
+    first, second = (
+        auth0_event("user.created", f"auth0|pooled{n}", email=f"p{n}@example.com") for n in (1, 2)
+    )
+    try:
+        assert post(client, first).status_code == 202  # its connection stays in the pool
+        proxy.cut()
+        proxy.restore()  # the pooled connection is broken; new ones work
+        answer = post(client, second)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        assert post(client, second).status_code == 202
+    finally:
+        app.extensions["idsync"].engine.dispose()
+        proxy.close()
+    assert counts(sessions) == (2, 2, 0)
+
+
 def test_health_endpoints(client: FlaskClient) -> None:
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
