@@ -24,20 +24,32 @@ from idsync.auth0.backfill import (
     BackfillError,
     BackfillReport,
     DryRunReport,
+    ExportLine,
     event_id_of,
     export_lines,
+    plan_users,
     run_backfill,
+    store_users,
+)
+from idsync.auth0.backfill_deletes import (
+    ABSENT_MARK,
+    JOB_MARK,
+    ExportScope,
+    absent_event_id,
+    is_synthesised,
 )
 from idsync.auth0.client import ManagementClient
 from idsync.cli import main
 from idsync.fakes.auth0 import FakeAuth0, generated_user
 from idsync.settings import Settings
 from ingest.validation import to_new_event
-from models.db import transaction
+from models.db import make_engine, make_session_factory, transaction
+from models.guard import held_counts
 from models.outbox import record_event
 from models.tables import Delivery, Event, ReceivedVia
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, migrate
 from tests.pipeline import Pipeline
+from workers.delivery import run_batch
 
 DOMAIN = "backfill-test.eu.auth0.com"
 SOURCE = f"urn:auth0:{DOMAIN}"
@@ -273,3 +285,256 @@ def test_cli_backfill_prints_json_and_says_when_it_is_off(
     assert stored.exit_code == 0, stored.output
     assert json.loads(stored.stdout)["stored"] == 25
     assert count(sessions) == 25
+
+
+# Deletes recovered from a full export: known users it no longer holds
+
+
+def live_emails(pipeline: Pipeline) -> set[str]:
+    return {contact["properties"]["email"] for contact in pipeline.hubspot.contacts()}
+
+
+def email(number: int) -> str:
+    return f"user{number:07d}@example.com"
+
+
+def subject(number: int) -> str:
+    return f"auth0|gen{number:07d}"
+
+
+def stored_deletes(sessions: Any) -> list[Event]:
+    with sessions() as session:
+        query = select(Event).where(Event.type == "user.deleted").order_by(Event.subject)
+        return list(session.scalars(query).all())
+
+
+def live_event(number: int, kind: str, at: datetime, event_id: str) -> dict[str, Any]:
+    """A live event of generated user ``number`` as the stream would post it."""
+    document = json.loads((FIXTURES / f"user_{kind}.json").read_text())
+    stamp = at.isoformat().replace("+00:00", "Z")
+    document |= {"source": SOURCE, "id": event_id, "time": stamp}
+    document["data"]["object"] |= {
+        "user_id": subject(number),
+        "email": email(number),
+        "updated_at": stamp,
+    }
+    document["data"].pop("previous_object", None)
+    return document
+
+
+def test_users_absent_from_a_full_export_end_deprovisioned_once(
+    pipeline: Pipeline, sessions: Any, auth0: FakeAuth0
+) -> None:
+    auth0.add_users(generated_user(n) for n in range(6))
+    configured = auth0_settings(pipeline.settings, auth0)
+    first = backfill(sessions, configured)
+    assert first.absence.checked and first.absence.absent == 0
+    pipeline.drain()
+    assert live_emails(pipeline) == {email(n) for n in range(6)}
+
+    for number in (1, 4):  # deleted in Auth0 while the stream was disabled
+        auth0.remove_user(subject(number))
+    second = backfill(sessions, configured)
+    absence = second.absence
+    assert (absence.absent, absence.stored, absence.existing) == (2, 2, 0)
+    assert absence.deliveries == {"hubspot": 2}
+    assert (second.stored, second.existing) == (0, 4)
+    started = datetime.fromisoformat(auth0.jobs[str(second.job_id)].created_at)
+    assert absence.export_started_at == started
+    deletes = stored_deletes(sessions)
+    assert [event.subject for event in deletes] == [subject(1), subject(4)]
+    for event in deletes:
+        assert event.received_via == ReceivedVia.BACKFILL.value
+        assert event.event_time == started, "dated when the export job was created"
+        assert event.event_id == absent_event_id(str(event.subject), started)
+        assert is_synthesised(event.payload)
+        assert event.payload["data"]["object"]["user_id"] == event.subject
+        assert event.payload["data"]["object"][ABSENT_MARK].startswith(
+            started.strftime("%Y-%m-%dT%H:%M:%S")
+        )
+        assert event.payload["data"]["object"][JOB_MARK] == second.job_id
+
+    pipeline.drain()
+    assert live_emails(pipeline) == {email(n) for n in (0, 2, 3, 5)}
+    assert pipeline.link(subject(1)).deprovisioned and pipeline.link(subject(4)).deprovisioned
+    assert not pipeline.link(subject(0)).deprovisioned
+
+    third = backfill(sessions, configured)
+    assert (third.absence.absent, third.absence.stored, third.stored) == (0, 0, 0)
+    assert len(stored_deletes(sessions)) == 2, "a second backfill stores nothing new"
+
+
+def test_the_same_export_stored_twice_stores_its_deletes_once(
+    sessions: Any, settings: Settings, auth0: FakeAuth0
+) -> None:
+    configured = auth0_settings(settings, auth0)
+    lines = [ExportLine(n + 1, json.dumps(generated_user(n)).encode() + b"\n") for n in range(5)]
+    store_users(sessions=sessions, settings=configured, lines=lines)
+    scope = ExportScope(job_id="job_same", started_at=datetime(2026, 6, 1, tzinfo=UTC))
+    once = store_users(sessions=sessions, settings=configured, lines=lines[:3], absent_from=scope)
+    assert (once.absence.absent, once.absence.stored) == (2, 2)
+    twice = store_users(sessions=sessions, settings=configured, lines=lines[:3], absent_from=scope)
+    assert (twice.absence.absent, twice.absence.stored, twice.stored) == (0, 0, 0)
+    assert [event.subject for event in stored_deletes(sessions)] == [subject(3), subject(4)]
+
+
+def test_a_user_newer_than_the_export_start_is_not_deleted(
+    pipeline: Pipeline, sessions: Any, auth0: FakeAuth0
+) -> None:
+    """A user created while the export runs is missing from it, and must stay live."""
+    auth0.add_users([generated_user(1)])
+    older = datetime.now(UTC) - timedelta(hours=1)
+    assert pipeline.post(live_event(8, "created", older, "evt_live_create_8")).status_code == 202
+    configured = auth0_settings(pipeline.settings, auth0)
+
+    class CreatedDuringTheExport:
+        """The Management client, with user 9 created in Auth0 just after the job starts."""
+
+        def __init__(self, client: ManagementClient) -> None:
+            self.client = client
+
+        def start_users_export(self, fields: list[str], connection_id: str | None) -> str:
+            job_id = self.client.start_users_export(fields, connection_id)
+            moment = datetime.now(UTC) + timedelta(seconds=1)
+            created = live_event(9, "created", moment, "evt_live_create_9")
+            assert pipeline.post(created).status_code == 202
+            return job_id
+
+        def get_job(self, job_id: str) -> dict[str, Any]:
+            return self.client.get_job(job_id)
+
+        def download(self, location: str) -> Iterator[bytes]:
+            return self.client.download(location)
+
+    client = ManagementClient.from_settings(configured, stream=False)
+    assert client is not None
+    with client:
+        report = run_backfill(
+            sessions=sessions,
+            settings=configured,
+            client=CreatedDuringTheExport(client),
+            poll_seconds=0.05,
+        )
+    assert isinstance(report, BackfillReport)
+    assert report.absence.absent == 1, "user 8 (older than the export) only"
+    assert [event.subject for event in stored_deletes(sessions)] == [subject(8)]
+    pipeline.drain()
+    assert live_emails(pipeline) == {email(1), email(9)}
+
+
+def test_an_export_of_one_connection_or_no_deletes_deletes_nobody(
+    pipeline: Pipeline, sessions: Any, auth0: FakeAuth0
+) -> None:
+    auth0.add_users((generated_user(n) for n in range(4)), connection_id="con_aaaaaaaaaaaaaaaa")
+    auth0.add_users((generated_user(n) for n in (4, 5)), connection_id="con_bbbbbbbbbbbbbbbb")
+    configured = auth0_settings(pipeline.settings, auth0)
+    backfill(sessions, configured)
+    pipeline.drain()
+    one = backfill(sessions, configured, connection_id="con_aaaaaaaaaaaaaaaa")
+    assert one.users == 4 and not one.absence.checked
+    assert "con_aaaaaaaaaaaaaaaa only" in str(one.absence.note)
+    auth0.remove_user(subject(0))
+    off = backfill(sessions, configured, deletes=False)
+    assert not off.absence.checked and "--no-deletes" in str(off.absence.note)
+    assert stored_deletes(sessions) == []
+    pipeline.drain()
+    assert live_emails(pipeline) == {email(n) for n in range(6)}
+
+
+def test_dry_run_counts_the_absent_per_destination_and_stores_nothing(
+    pipeline: Pipeline, sessions: Any, auth0: FakeAuth0
+) -> None:
+    auth0.add_users(generated_user(n) for n in range(6))
+    configured = auth0_settings(pipeline.settings, auth0)
+    backfill(sessions, configured)
+    pipeline.drain()
+    auth0.remove_user(subject(2))
+    auth0.remove_user(subject(3))
+    # Known from a live event that never reached HubSpot: absent, but no live link there.
+    never_sent = live_event(20, "created", datetime.now(UTC) - timedelta(hours=1), "evt_c_20")
+    assert pipeline.post(never_sent).status_code == 202
+    events_before = count(sessions)
+
+    report = backfill(sessions, configured, dry_run=True)
+    assert isinstance(report, DryRunReport)
+    assert report.absence.checked and report.absence.absent == 3
+    assert report.absence.deprovisioned == {"hubspot": 2}
+    assert report.to_json()["destinations"]["hubspot"]["absent"] == 2
+    assert count(sessions) == events_before and stored_deletes(sessions) == []
+    assert live_emails(pipeline) >= {email(2), email(3)}
+
+
+def test_a_short_export_is_held_by_the_deprovision_guard(
+    pipeline: Pipeline, sessions: Any, auth0: FakeAuth0
+) -> None:
+    pipeline.settings = pipeline.settings.model_copy(update={"deprovision_guard": "3/1h"})
+    auth0.add_users(generated_user(n) for n in range(10))
+    configured = auth0_settings(pipeline.settings, auth0)
+    backfill(sessions, configured)
+    pipeline.drain()
+    for number in range(2, 10):  # the export came back with 2 users of 10
+        auth0.remove_user(subject(number))
+    report = backfill(sessions, configured)
+    assert report.absence.absent == 8
+    for _ in range(10):
+        batch = run_batch(
+            sessions=sessions, settings=pipeline.settings, destination=pipeline.destination
+        )
+        if batch.claimed == 0:
+            break
+    assert len(live_emails(pipeline)) == 10 - 3, "three deprovisions pass, five wait"
+    with sessions() as session:
+        assert held_counts(session=session) == {"hubspot": 5}
+
+
+def test_an_export_line_naming_nobody_makes_absence_unknowable(
+    sessions: Any, settings: Settings, auth0: FakeAuth0
+) -> None:
+    auth0.add_users(generated_user(n) for n in range(3))
+    configured = auth0_settings(settings, auth0)
+    backfill(sessions, configured)
+    auth0.remove_user(subject(0))
+    auth0.add_users([{"user_id": None, "email": "garbled@example.com"}])  # exported without id
+    report = backfill(sessions, configured)
+    assert report.rejected == 1 and not report.absence.checked
+    assert "no readable user_id" in str(report.absence.note)
+    assert stored_deletes(sessions) == []
+
+
+def test_absence_on_the_embedded_sqlite(tmp_path: Any, settings: Settings) -> None:
+    url = f"sqlite:///{tmp_path / 'idsync.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        sqlite_sessions = make_session_factory(engine)
+        configured = settings.model_copy(
+            update={"database_url": url, "auth0_domain": DOMAIN, "auth0_event_stream_id": None}
+        )
+        lines = [
+            ExportLine(n + 1, json.dumps(generated_user(n)).encode() + b"\n") for n in range(7)
+        ]
+        store_users(sessions=sqlite_sessions, settings=configured, lines=lines, chunk_size=3)
+        scope = ExportScope(job_id="job_sqlite", started_at=datetime(2026, 6, 1, tzinfo=UTC))
+        kept = lines[:2] + lines[4:]
+        dry = plan_users(
+            sessions=sqlite_sessions, settings=configured, lines=kept, absent_from=scope
+        )
+        assert (dry.absence.absent, dry.absence.deprovisioned) == (2, {"hubspot": 0})
+        report = store_users(
+            sessions=sqlite_sessions,
+            settings=configured,
+            lines=kept,
+            absent_from=scope,
+            chunk_size=1,
+        )
+        assert (report.absence.absent, report.absence.stored) == (2, 2)
+        assert [event.subject for event in stored_deletes(sqlite_sessions)] == [
+            subject(2),
+            subject(3),
+        ]
+        again = store_users(
+            sessions=sqlite_sessions, settings=configured, lines=kept, absent_from=scope
+        )
+        assert (again.absence.absent, again.absence.stored) == (0, 0)
+    finally:
+        engine.dispose()

@@ -13,6 +13,10 @@ two bytes decide) and stores each user as an event that the workers treat like
 - its ``source`` is the stream's own (``AUTH0_EVENT_SOURCE``), so backfilled and
   live events of a user share one link per destination.
 
+A full export (no connection chosen) also recovers deletes: users idsync knows
+that the export no longer holds get a ``user.deleted`` each, dated at the export
+job's creation (``idsync.auth0.backfill_deletes``).
+
 Users are stored set-based (``models.outbox.record_events``) in chunks of a few
 thousand, each chunk its own transaction: memory stays constant whatever the
 size of the export, and a run that is interrupted stores only the rest when run
@@ -38,11 +42,17 @@ from typing import Any, Protocol
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from idsync.auth0.backfill_deletes import (
+    AbsentReport,
+    ExportRoster,
+    ExportScope,
+    absent_event,
+)
 from idsync.auth0.backfill_store import RecordedMany, record_events
 from idsync.destinations import build_adapter
 from idsync.settings import Settings
 from ingest.validation import InvalidEvent, NotJson, parse_json, to_new_event
-from models.db import transaction
+from models.db import db_now, transaction
 from models.ordering import TimeOutOfRange, order_key, parse_time
 from models.outbox import NewEvent
 from models.tables import Delivery, Event, EventStatus, Link, ReceivedVia
@@ -344,6 +354,7 @@ class BackfillReport:
     rejected: int = 0
     rejections: list[Rejection] = field(default_factory=list)  # the first few
     seconds: float = 0.0
+    absence: AbsentReport = field(default_factory=AbsentReport)
 
     def reject(self, line: int, reason: str) -> None:
         self.rejected += 1
@@ -368,6 +379,7 @@ class BackfillReport:
             "rejected": self.rejected,
             "rejections": [{"line": r.line, "reason": r.reason} for r in self.rejections],
             "seconds": round(self.seconds, 3),
+            "absent": self.absence.to_json(),
         }
 
 
@@ -435,21 +447,52 @@ def _chunks(lines: Iterable[ExportLine], size: int) -> Iterator[list[ExportLine]
         yield chunk
 
 
-def _events(
+@dataclass
+class _ChunkRead:
+    """A chunk's users as events, and every user the chunk names, stored or not."""
+
+    events: list[NewEvent]
+    user_ids: list[str]
+    unidentified: int  # lines rejected that name no readable user_id
+
+
+def _named_user(line: bytes) -> str | None:
+    """The ``user_id`` a line names, even when the line is not a storable user."""
+    try:
+        user = parse_json(line)
+    except NotJson:
+        return None
+    user_id = user.get("user_id") if isinstance(user, dict) else None
+    return user_id if isinstance(user_id, str) and user_id.strip() else None
+
+
+def _read_chunk(
     chunk: list[ExportLine],
     *,
     source: str,
     stream_id: str | None,
     reject: Callable[[int, str], None],
-) -> list[NewEvent]:
-    """The events of a chunk's users; a line that is not one goes to ``reject``."""
-    events = []
+) -> _ChunkRead:
+    """The events of a chunk's users; a line that is not one goes to ``reject``.
+
+    A rejected line's user still exists in Auth0, so its ``user_id`` is kept
+    for the absence check when the line names one.
+    """
+    read = _ChunkRead(events=[], user_ids=[], unidentified=0)
     for line in chunk:
         try:
-            events.append(user_event(line.body, source=source, stream_id=stream_id))
+            event = user_event(line.body, source=source, stream_id=stream_id)
         except InvalidEvent as error:
             reject(line.number, str(error))
-    return events
+            user_id = _named_user(line.body)
+            if user_id is None:
+                read.unidentified += 1
+            else:
+                read.user_ids.append(user_id)
+            continue
+        read.events.append(event)
+        read.user_ids.append(str(event.subject))
+    return read
 
 
 def store_users(
@@ -461,13 +504,16 @@ def store_users(
     progress: Progress | None = None,
     wake: Callable[[list[str]], None] | None = None,
     chunk_size: int = CHUNK_USERS,
+    absent_from: ExportScope | None = None,
 ) -> BackfillReport:
     """Store every user of ``lines`` as a ``user.backfill`` event, chunk by chunk.
 
     Each chunk is one transaction of a few statements (``record_events``), so a
     run can be interrupted and run again. ``destination`` delivers to that one
     only, to events already stored as well. ``wake`` is called after each
-    commit with the destinations that got new deliveries.
+    commit with the destinations that got new deliveries. With ``absent_from``
+    (a full export), users idsync knows that ``lines`` do not hold are then
+    stored as deleted (``store_absent``), once every line is stored.
     """
     progress = progress or _Silent()
     started = time.monotonic()
@@ -477,6 +523,8 @@ def store_users(
     report = BackfillReport(source=source, destinations=names, deliveries=dict.fromkeys(names, 0))
     with transaction(sessions) as session:
         check_source(session=session, source=source, stream_id=stream_id)
+
+    roster = ExportRoster.of(sessions) if absent_from is not None else None
 
     def write(events: list[NewEvent]) -> RecordedMany:
         with transaction(sessions) as session:
@@ -489,6 +537,12 @@ def store_users(
                 existing_too=destination is not None,
             )
 
+    def write_chunk(read: _ChunkRead) -> RecordedMany:
+        result = write(read.events)
+        if roster is not None:
+            roster.add(read.user_ids, read.unidentified)
+        return result
+
     def written(result: RecordedMany) -> None:
         report.add(result)
         woken = [name for name, count in result.deliveries.items() if count]
@@ -496,20 +550,81 @@ def store_users(
             wake(woken)
         progress.users(report.users + report.rejected)
 
-    # One chunk is written (the database's work, which frees the GIL) while the next
-    # is parsed and validated (Python's): at most two chunks are in memory.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-writer") as writer:
-        pending: Future[RecordedMany] | None = None
-        for chunk in _chunks(lines, chunk_size):
-            events = _events(chunk, source=source, stream_id=stream_id, reject=report.reject)
-            report.users += len(events)
+    try:
+        # One chunk is written (the database's work, which frees the GIL) while the next
+        # is parsed and validated (Python's): at most two chunks are in memory.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-writer") as writer:
+            pending: Future[RecordedMany] | None = None
+            for chunk in _chunks(lines, chunk_size):
+                read = _read_chunk(chunk, source=source, stream_id=stream_id, reject=report.reject)
+                report.users += len(read.events)
+                if pending is not None:
+                    written(pending.result())
+                pending = writer.submit(write_chunk, read)
             if pending is not None:
                 written(pending.result())
-            pending = writer.submit(write, events)
-        if pending is not None:
-            written(pending.result())
+        if roster is not None and absent_from is not None:
+            report.absence = store_absent(
+                roster=roster,
+                scope=absent_from,
+                source=source,
+                stream_id=stream_id,
+                write=write,
+                wake=wake,
+                chunk_size=chunk_size,
+            )
+    finally:
+        if roster is not None:
+            roster.close()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _unknowable(roster: ExportRoster) -> str | None:
+    """Why the export cannot say who is absent; None when it can."""
+    if roster.unidentified:
+        return (
+            f"deletes not checked: {roster.unidentified:,} lines of the export name no "
+            "readable user_id, so who is absent cannot be known"
+        )
+    return None
+
+
+def store_absent(
+    *,
+    roster: ExportRoster,
+    scope: ExportScope,
+    source: str,
+    stream_id: str | None,
+    write: Callable[[list[NewEvent]], RecordedMany],
+    wake: Callable[[list[str]], None] | None = None,
+    chunk_size: int = CHUNK_USERS,
+) -> AbsentReport:
+    """Store a ``user.deleted`` for each user known under ``source`` that ``roster`` lacks.
+
+    Called once every line of a full export is stored. The absent users are
+    found by one statement and stored ``chunk_size`` at a time through
+    ``write`` (the backfill's own ``record_events``), each chunk a transaction.
+    """
+    absence = AbsentReport(checked=True, export_started_at=scope.started_at)
+    unknowable = _unknowable(roster)
+    if unknowable:
+        return AbsentReport(note=unknowable)
+    absence.absent = roster.find_absent(source=source, before=scope.started_at)
+    for user_ids in roster.absent_chunks(chunk_size):
+        events = [
+            absent_event(user_id, scope=scope, source=source, stream_id=stream_id)
+            for user_id in user_ids
+        ]
+        result = write(events)
+        absence.stored += result.stored
+        absence.existing += result.existing
+        for name, count in result.deliveries.items():
+            absence.deliveries[name] = absence.deliveries.get(name, 0) + count
+        woken = [name for name, count in result.deliveries.items() if count]
+        if wake is not None and woken:
+            wake(woken)
+    return absence
 
 
 # The dry run
@@ -532,6 +647,7 @@ class DryRunReport:
     users: int = 0
     rejected: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    absence: AbsentReport = field(default_factory=AbsentReport)
 
     def reject(self, line: int, reason: str) -> None:
         self.rejected += 1
@@ -539,6 +655,7 @@ class DryRunReport:
             self.rejections.append(Rejection(line, reason))
 
     def to_json(self) -> dict[str, Any]:
+        deprovisioned = self.absence.deprovisioned
         return {
             "dry_run": True,
             "source": self.source,
@@ -547,9 +664,11 @@ class DryRunReport:
             "rejected": self.rejected,
             "rejections": [{"line": r.line, "reason": r.reason} for r in self.rejections],
             "destinations": {
-                name: self.counts[name] | {"compared": name not in self.uncompared}
+                name: self.counts[name]
+                | {"absent": deprovisioned.get(name, 0), "compared": name not in self.uncompared}
                 for name in self.destinations
             },
+            "absent": self.absence.to_json(),
         }
 
 
@@ -665,6 +784,7 @@ def plan_users(
     destination: str | None = None,
     progress: Progress | None = None,
     chunk_size: int = CHUNK_USERS,
+    absent_from: ExportScope | None = None,
 ) -> DryRunReport:
     """Count, per destination, the users a backfill would create, update or deprovision.
 
@@ -672,7 +792,9 @@ def plan_users(
     link's (computed by the destination's own hashing); deprovisioned: a blocked
     user not yet deprovisioned there; unchanged, stale (a newer event was applied)
     and already_stored (this very event exists, and with it its delivery) send
-    nothing. Stores nothing.
+    nothing. With ``absent_from`` (a full export), also the users known to idsync
+    that the export lacks, and per destination those of them with a live link
+    there, whom their delete would deprovision. Stores nothing.
     """
     progress = progress or _Silent()
     source = backfill_source(settings)
@@ -686,19 +808,46 @@ def plan_users(
     judges = [_Judge(settings, name) for name in names]
     report.uncompared = [judge.name for judge in judges if judge.fingerprint is None]
     now = datetime.now(UTC)
+    roster = ExportRoster.of(sessions) if absent_from is not None else None
     try:
         with transaction(sessions) as session:
             check_source(session=session, source=source, stream_id=stream_id)
         for chunk in _chunks(lines, chunk_size):
-            events = _events(chunk, source=source, stream_id=stream_id, reject=report.reject)
-            report.users += len(events)
+            read = _read_chunk(chunk, source=source, stream_id=stream_id, reject=report.reject)
+            report.users += len(read.events)
             with transaction(sessions) as session:
-                _judge_chunk(session, judges, events, report, source, now, destination is not None)
+                _judge_chunk(
+                    session, judges, read.events, report, source, now, destination is not None
+                )
+            if roster is not None:
+                roster.add(read.user_ids, read.unidentified)
             progress.users(report.users + report.rejected)
+        if roster is not None and absent_from is not None:
+            report.absence = count_absent(
+                roster=roster, scope=absent_from, source=source, destinations=names
+            )
     finally:
         for judge in judges:
             judge.close()
+        if roster is not None:
+            roster.close()
     return report
+
+
+def count_absent(
+    *, roster: ExportRoster, scope: ExportScope, source: str, destinations: list[str]
+) -> AbsentReport:
+    """What ``store_absent`` would find: the absent users, and per destination the live ones."""
+    unknowable = _unknowable(roster)
+    if unknowable:
+        return AbsentReport(note=unknowable)
+    absent = roster.find_absent(source=source, before=scope.started_at)
+    return AbsentReport(
+        checked=True,
+        export_started_at=scope.started_at,
+        absent=absent,
+        deprovisioned=roster.live_links(source=source, destinations=destinations),
+    )
 
 
 def _judge_chunk(
@@ -737,6 +886,7 @@ def run_backfill(
     connection_id: str | None = None,
     destination: str | None = None,
     dry_run: bool = False,
+    deletes: bool = True,
     progress: Progress | None = None,
     wake: Callable[[list[str]], None] | None = None,
     poll_seconds: float = 1.0,
@@ -744,16 +894,21 @@ def run_backfill(
     """Export the tenant's users through ``client`` and store (or, dry, count) them.
 
     Everything that can refuse (the destination, the source) is checked before
-    the export job starts, so a refusal costs Auth0 nothing.
+    the export job starts, so a refusal costs Auth0 nothing. A full export
+    (no ``connection_id``) also stores deletes for users it lacks, unless
+    ``deletes`` is false.
     """
     progress = progress or _Silent()
     names = targets(settings, destination)
     source = backfill_source(settings)
     with transaction(sessions) as session:
         check_source(session=session, source=source, stream_id=settings.auth0_event_stream_id)
+        asked_at = db_now(session)
     fields = export_fields(settings, settings.destinations)
     job_id = client.start_users_export(fields, connection_id)
     job = wait_for_export(client, job_id, progress=progress, poll_seconds=poll_seconds)
+    note = absence_off(connection_id=connection_id, deletes=deletes)
+    scope = None if note else ExportScope(job_id=job_id, started_at=export_start(job, asked_at))
     lines = export_lines(client.download(str(job["location"])))
     report: BackfillReport | DryRunReport
     if dry_run:
@@ -763,6 +918,7 @@ def run_backfill(
             lines=lines,
             destination=destination,
             progress=progress,
+            absent_from=scope,
         )
     else:
         report = store_users(
@@ -772,7 +928,35 @@ def run_backfill(
             destination=destination,
             progress=progress,
             wake=wake,
+            absent_from=scope,
         )
     report.job_id = job_id
+    if note:
+        report.absence = AbsentReport(note=note)
     assert report.destinations == names
     return report
+
+
+def absence_off(*, connection_id: str | None, deletes: bool) -> str | None:
+    """Why this backfill does not look for users absent from its export; None when it does."""
+    if connection_id is not None:
+        return (
+            f"deletes not checked: the export holds connection {connection_id} only, so a "
+            "user absent from it may be in another"
+        )
+    if not deletes:
+        return "deletes not checked (--no-deletes)"
+    return None
+
+
+def export_start(job: dict[str, Any], asked_at: datetime) -> datetime:
+    """When Auth0 created the export job (its ``created_at``), else when idsync asked for it.
+
+    Every user the export lacks was gone by then or created after: the deletes
+    are dated here, so any event of Auth0's newer than the export wins.
+    """
+    try:
+        created = parse_time(job.get("created_at"))
+    except TimeOutOfRange:
+        created = None
+    return created or asked_at

@@ -19,6 +19,7 @@ from idsync.auth0.backfill import (
     DryRunReport,
     run_backfill,
 )
+from idsync.auth0.backfill_deletes import AbsentReport
 from idsync.auth0.client import Auth0Error, ManagementClient, missing_auth0
 from idsync.settings import Settings
 from models.db import make_engine, make_session_factory
@@ -81,16 +82,29 @@ def _wake(settings: Settings) -> Any:
     metavar="NAME",
     help="Deliver to this destination only, also for users stored by an earlier backfill.",
 )
+@click.option(
+    "--no-deletes",
+    is_flag=True,
+    help="Do not store user.deleted for known users absent from a full export.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def backfill(
-    dry_run: bool, connection_id: str | None, destination: str | None, as_json: bool
+    dry_run: bool,
+    connection_id: str | None,
+    destination: str | None,
+    no_deletes: bool,
+    as_json: bool,
 ) -> None:
     """Store every existing Auth0 user as a user.backfill event, delivered like user.updated.
 
     Exports the users through the Management API (AUTH0_DOMAIN, AUTH0_CLIENT_ID,
     AUTH0_CLIENT_SECRET; read:users), under the stream's source
     (AUTH0_EVENT_SOURCE). Running it again stores only users that changed since.
-    Exit status 1 when some exported lines could not be stored.
+    A full export (no --connection) also stores a user.deleted, dated when the
+    export started, for each user idsync knows that the export no longer holds
+    (deleted in Auth0 while the stream was disabled, say); DEPROVISION_GUARD
+    holds a mass of them for approval. Exit status 1 when some exported lines
+    could not be stored.
 
     \b
     Examples:
@@ -126,6 +140,7 @@ def backfill(
                 connection_id=connection_id,
                 destination=destination,
                 dry_run=dry_run,
+                deletes=not no_deletes,
                 progress=_Bars(progress),
                 wake=None if dry_run else wake,
             )
@@ -142,9 +157,9 @@ def backfill(
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     elif isinstance(report, DryRunReport):
-        _print_plan(report)
+        _print_plan(report, settings)
     else:
-        _print_stored(report)
+        _print_stored(report, settings)
     if report.rejected:
         raise SystemExit(1)
 
@@ -157,7 +172,37 @@ def _print_rejections(console: Console, report: BackfillReport | DryRunReport) -
         console.print(f"  line {rejection.line}: {rejection.reason}", markup=False)
 
 
-def _print_stored(report: BackfillReport) -> None:
+def _print_absence(console: Console, absence: AbsentReport, *, dry_run: bool) -> None:
+    """One line on the users absent from the export: not checked, none, or how many."""
+    if not absence.checked:
+        console.print(f"{(absence.note or 'deletes not checked').capitalize()}.", markup=False)
+        return
+    started = f"{absence.export_started_at:%Y-%m-%d %H:%M:%S}Z" if absence.export_started_at else ""
+    if not absence.absent:
+        console.print(f"No user known to idsync is absent from the export of {started}.")
+        return
+    what = "would be stored" if dry_run else f"stored {absence.stored:,} new"
+    console.print(
+        f"{absence.absent:,} users known to idsync are absent from the export of {started} "
+        f"(deleted in Auth0): user.deleted events {what}.",
+        markup=False,
+    )
+
+
+def _guard_notes(console: Console, settings: Settings, counts: dict[str, int]) -> None:
+    """Say where the deprovision guard will hold part of what a backfill deprovisions."""
+    for name, count in counts.items():
+        limit = settings.deprovision_guard_of(name)
+        if limit is not None and count > limit[0]:
+            console.print(
+                f"{name}: {count:,} deprovisions exceed DEPROVISION_GUARD ({limit[0]:,} per "
+                f"{limit[1]:g} s); the rest will wait for approval: "
+                f"idsync destinations approve-deprovisions {name}",
+                markup=False,
+            )
+
+
+def _print_stored(report: BackfillReport, settings: Settings) -> None:
     console = Console(highlight=False)
     console.print(
         f"Backfill of {report.users:,} users under source {report.source} (job {report.job_id}): "
@@ -165,28 +210,39 @@ def _print_stored(report: BackfillReport) -> None:
         f"in {report.seconds:.1f} s.",
         markup=False,
     )
-    table = Table("destination", "deliveries added")
+    _print_absence(console, report.absence, dry_run=False)
+    absence = report.absence
+    table = Table("destination", "deliveries added", "of which deletes")
     for name in report.destinations:
-        table.add_row(name, f"{report.deliveries.get(name, 0):,}")
+        deletes = absence.deliveries.get(name, 0)
+        added = report.deliveries.get(name, 0) + deletes
+        table.add_row(name, f"{added:,}", f"{deletes:,}")
     console.print(table)
+    _guard_notes(console, settings, absence.deliveries)
     console.print(
         "The workers deliver them behind live traffic; follow with: idsync destinations list"
     )
     _print_rejections(console, report)
 
 
-def _print_plan(report: DryRunReport) -> None:
+def _print_plan(report: DryRunReport, settings: Settings) -> None:
     console = Console(highlight=False)
     console.print(
         f"Dry run: {report.users:,} users under source {report.source}; nothing was stored.",
         markup=False,
     )
-    table = Table("destination", *OUTCOMES)
+    _print_absence(console, report.absence, dry_run=True)
+    checked = report.absence.checked
+    table = Table("destination", *OUTCOMES, *(["deprovisioned (absent)"] if checked else []))
     for name in report.destinations:
         counts = report.counts[name]
         cells = [f"{counts[outcome]:,}" for outcome in OUTCOMES]
         if name in report.uncompared:
             cells[1] += " (not compared)"
+        if checked:
+            cells.append(f"{report.absence.deprovisioned.get(name, 0):,}")
         table.add_row(name, *cells)
     console.print(table)
+    if checked:
+        _guard_notes(console, settings, report.absence.deprovisioned)
     _print_rejections(console, report)
