@@ -1,7 +1,7 @@
 """Ingest's store path on a full outbox: the same posts with 1,000,000 events already stored.
 
-What ingest does in the database (``models.outbox.record_event``: the event INSERT
-with ON CONFLICT on (source, event id), one delivery per destination, COMMIT)
+What ingest does in the database (``models.outbox.commit_event``: the event and one
+delivery per destination in one autocommitted INSERT, ON CONFLICT on (source, event id))
 must not slow down as the tables grow. Two databases copied from the run's schema,
 one left empty and one holding ``stored`` events with their deliveries and links
 (set-based SQL, as ``bench.claims`` fills it), take the same stream of new events
@@ -23,8 +23,8 @@ from bench.common import own_database
 from bench.delivery import user_document
 from bench.report import Row, number, verdict
 from ingest.validation import to_new_event
-from models.db import make_engine, make_session_factory, transaction
-from models.outbox import record_event
+from models.db import make_engine
+from models.outbox import commit_event
 
 TARGET = 0.9
 THREADS = 4  # as gunicorn's workers and threads keep a few requests in the database at once
@@ -54,8 +54,7 @@ class IngestDepthResult:
 
 def _round(url: str, seconds: float, run: str) -> float:
     """Record new events from ``THREADS`` threads for ``seconds``; events per second."""
-    engine = make_engine(url, pool_size=THREADS)
-    sessions = make_session_factory(engine)
+    engine = make_engine(url, autocommit=True, pool_size=THREADS)  # as ingest records
     stop = time.monotonic() + seconds
     counts = [0] * THREADS
 
@@ -65,8 +64,7 @@ def _round(url: str, seconds: float, run: str) -> float:
             document = user_document("created", thread * 10_000_000 + number_, run)
             document["id"] = f"evt_depth_{run}_{thread}_{number_}"
             event = to_new_event(document, json.dumps(document).encode())
-            with transaction(sessions) as session:
-                record_event(session=session, event=event, destinations=("hubspot",))
+            commit_event(engine=engine, event=event, destinations=("hubspot",))
             number_ += 1
         counts[thread] = number_
 
