@@ -538,3 +538,54 @@ def test_absence_on_the_embedded_sqlite(tmp_path: Any, settings: Settings) -> No
         assert (again.absence.absent, again.absence.stored) == (0, 0)
     finally:
         engine.dispose()
+
+
+def test_cli_says_when_deletes_are_not_checked_and_what_the_guard_will_hold(
+    database_url: str,
+    sessions: Any,
+    settings: Settings,
+    pipeline: Pipeline,
+    auth0: FakeAuth0,
+    monkeypatch: Any,
+) -> None:
+    auth0.add_users((generated_user(n) for n in range(5)), connection_id="con_aaaaaaaaaaaaaaaa")
+    for name, value in {
+        "DATABASE_URL": database_url,
+        "DESTINATIONS": "hubspot",
+        "DEPROVISION_GUARD": "1/1h",
+        "AUTH0_DOMAIN": DOMAIN,
+        "HUBSPOT_TOKEN": "fake-token",
+        "AUTH0_CLIENT_ID": auth0.client_id,
+        "AUTH0_CLIENT_SECRET": auth0.client_secret,
+        "AUTH0_MGMT_BASE_URL": auth0.url,
+        "REDIS_URL": settings.redis_url or "",
+        "REDIS_KEY_PREFIX": settings.redis_key_prefix,
+    }.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    first = runner.invoke(main, ["backfill"])
+    assert first.exit_code == 0, first.output
+    assert "No user known to idsync is absent from the export" in first.stdout
+    pipeline.drain()  # links at HubSpot, which the guard's figures count
+    for number in (0, 1, 2):
+        auth0.remove_user(subject(number))
+
+    one = runner.invoke(main, ["backfill", "--connection", "con_aaaaaaaaaaaaaaaa"])
+    assert one.exit_code == 0, one.output
+    assert "Deletes not checked: the export holds connection con_aaaaaaaaaaaaaaaa only" in (
+        one.stdout
+    )
+    off = runner.invoke(main, ["backfill", "--no-deletes"])
+    assert off.exit_code == 0 and "Deletes not checked (--no-deletes)." in off.stdout
+    assert stored_deletes(sessions) == []
+
+    dry = runner.invoke(main, ["backfill", "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.stdout)
+    assert planned["absent"]["absent"] == 3 and planned["destinations"]["hubspot"]["absent"] == 3
+    assert stored_deletes(sessions) == []
+    stored = runner.invoke(main, ["backfill"], terminal_width=200)
+    assert stored.exit_code == 0, stored.output
+    assert "3 users known to idsync are absent from the export of" in stored.stdout
+    assert "hubspot: 3 deprovisions exceed DEPROVISION_GUARD (1 per 3600 s)" in stored.stdout
+    assert len(stored_deletes(sessions)) == 3

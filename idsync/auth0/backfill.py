@@ -569,6 +569,7 @@ def store_users(
                 scope=absent_from,
                 source=source,
                 stream_id=stream_id,
+                destinations=names,
                 write=write,
                 wake=wake,
                 chunk_size=chunk_size,
@@ -596,6 +597,7 @@ def store_absent(
     scope: ExportScope,
     source: str,
     stream_id: str | None,
+    destinations: list[str],
     write: Callable[[list[NewEvent]], RecordedMany],
     wake: Callable[[list[str]], None] | None = None,
     chunk_size: int = CHUNK_USERS,
@@ -605,12 +607,14 @@ def store_absent(
     Called once every line of a full export is stored. The absent users are
     found by one statement and stored ``chunk_size`` at a time through
     ``write`` (the backfill's own ``record_events``), each chunk a transaction.
+    ``deprovisioned`` counts, per destination, those with a live link there.
     """
     absence = AbsentReport(checked=True, export_started_at=scope.started_at)
     unknowable = _unknowable(roster)
     if unknowable:
         return AbsentReport(note=unknowable)
     absence.absent = roster.find_absent(source=source, before=scope.started_at)
+    absence.deprovisioned = roster.live_links(source=source, destinations=destinations)
     for user_ids in roster.absent_chunks(chunk_size):
         events = [
             absent_event(user_id, scope=scope, source=source, stream_id=stream_id)

@@ -181,10 +181,10 @@ def _print_absence(console: Console, absence: AbsentReport, *, dry_run: bool) ->
     if not absence.absent:
         console.print(f"No user known to idsync is absent from the export of {started}.")
         return
-    what = "would be stored" if dry_run else f"stored {absence.stored:,} new"
+    what = "each would be stored" if dry_run else f"stored ({absence.stored:,} new)"
     console.print(
         f"{absence.absent:,} users known to idsync are absent from the export of {started} "
-        f"(deleted in Auth0): user.deleted events {what}.",
+        f"(deleted in Auth0): {what} as user.deleted.",
         markup=False,
     )
 
@@ -218,7 +218,7 @@ def _print_stored(report: BackfillReport, settings: Settings) -> None:
         added = report.deliveries.get(name, 0) + deletes
         table.add_row(name, f"{added:,}", f"{deletes:,}")
     console.print(table)
-    _guard_notes(console, settings, absence.deliveries)
+    _guard_notes(console, settings, absence.deprovisioned)
     console.print(
         "The workers deliver them behind live traffic; follow with: idsync destinations list"
     )
@@ -233,7 +233,7 @@ def _print_plan(report: DryRunReport, settings: Settings) -> None:
     )
     _print_absence(console, report.absence, dry_run=True)
     checked = report.absence.checked
-    table = Table("destination", *OUTCOMES, *(["deprovisioned (absent)"] if checked else []))
+    table = Table("destination", *OUTCOMES, *(["absent"] if checked else []))
     for name in report.destinations:
         counts = report.counts[name]
         cells = [f"{counts[outcome]:,}" for outcome in OUTCOMES]

@@ -266,7 +266,7 @@ class AbsentReport:
     stored: int = 0  # their user.deleted events, new
     existing: int = 0  # ... stored before (the same export stored twice)
     deliveries: dict[str, int] = field(default_factory=dict)  # added, by destination
-    # A dry run: per destination, the absent users with a live link there.
+    # Per destination, the absent users with a live link there: whom a delete deprovisions.
     deprovisioned: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
