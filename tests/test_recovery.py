@@ -206,6 +206,8 @@ def test_a_disabled_stream_is_reenabled_and_the_gap_reported(
     assert not status.stream_disabled
     assert status.missing_events is not None
     assert "idsync backfill" in status.missing_events and "reconcile" in status.missing_events
+    assert "creates, updates and deletes" in status.missing_events
+    assert "for deletes" not in status.missing_events, "a backfill recovers deletes itself"
     assert status.line() == status.missing_events
 
 

@@ -189,7 +189,8 @@ def _print_pass(console: Console, report: PassReport) -> None:
     if report.reenabled:
         console.print(
             "The stream was disabled: events of that period may never have been produced. "
-            "Run idsync backfill (and idsync reconcile <destination> for deletes)."
+            "Run idsync backfill (it recovers that period's creates, updates and deletes), "
+            "then idsync reconcile <destination> to find drift at the destinations."
         )
     if report.error:
         cli._err().print(cli._shown(f"The pass stopped: {report.error}"))

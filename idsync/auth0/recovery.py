@@ -19,8 +19,9 @@ disables the whole stream, and while disabled it produces nothing at all
    (the copies arrive as ``200 duplicate``; a 409 is not an error);
 5. re-enables a disabled stream once the redelivery was accepted (or nothing
    was left to redeliver), and from then on warns that events of the disabled
-   period may never have been produced: run a backfill, and a reconcile for
-   deletes, for that period.
+   period may never have been produced: a full backfill recovers that period's
+   creates, updates and deletes (a user it no longer holds is stored as
+   deleted), and a reconcile then finds drift at the destinations.
 
 The window starts at the watermark, the ``window_to`` of the newest finished
 pass without an error, or, on the very first pass, ``AUTH0_RECOVERY_INTERVAL``
@@ -468,7 +469,8 @@ def _reenable(client: ManagementClient, report: PassReport) -> None:
     report.reenabled = True
     log.warning(
         "recovery re-enabled the Event Stream %s: events of the disabled period may never "
-        "have been produced; run idsync backfill (and idsync reconcile for deletes)",
+        "have been produced; run idsync backfill (it recovers that period's creates, updates "
+        "and deletes), then idsync reconcile <destination>",
         report.stream_id,
     )
 
@@ -595,7 +597,9 @@ def missing_events_warning(session: Session, stream_id: str, now: datetime) -> s
     """The warning after recovery re-enabled the stream, for ``DISABLED_WARNING``; else None.
 
     Auth0 produces no events while a stream is disabled, so redelivery cannot
-    bring them back: only a backfill (and a reconcile, for deletes) can.
+    bring them back. A full backfill can: the export holds every existing user
+    (creates and updates), and a user idsync knows that it lacks is stored as
+    deleted. A reconcile then compares the destinations with idsync's links.
     """
     reenabled = session.scalars(
         select(Auth0RecoveryPass)
@@ -623,6 +627,7 @@ def missing_events_warning(session: Session, stream_id: str, now: datetime) -> s
     return (
         f"the Event Stream was disabled from {since} until recovery re-enabled it at "
         f"{reenabled.finished_at:%Y-%m-%d %H:%M}Z: events of that period may never have been "
-        "produced; run idsync backfill (and idsync reconcile <destination> for deletes) "
-        "for that period"
+        "produced; run idsync backfill without --connection (it recovers that period's "
+        "creates, updates and deletes), then idsync reconcile <destination> to find drift "
+        "at the destinations"
     )
