@@ -552,10 +552,7 @@ def _free_links(dialect: str) -> Any:
 
 @cache
 def _take_deliveries(dialect: str) -> Any:
-    """Mark the held users' due deliveries in progress under the lease; their state back.
-
-    On PostgreSQL the same statement reads their events too (one round trip).
-    """
+    """Mark the held users' due deliveries in progress under the lease; their state back."""
     destination = bindparam("dest", type_=String())
     now = bindparam("now", type_=UTCDateTime())
     taken = (
@@ -576,25 +573,25 @@ def _take_deliveries(dialect: str) -> Any:
         )
         .returning(*_DELIVERY_COLUMNS)
     )
-    if dialect != "postgresql":
-        return taken
-    claimed = taken.cte("claimed")
-    return select(*claimed.c, *_EVENT_COLUMNS).join_from(
-        claimed, _EVENTS, _EVENTS.c.id == claimed.c.event_pk
-    )
+    return taken
 
 
 @cache
 def _events_of(dialect: str) -> Any:
-    return select(*_EVENT_COLUMNS).where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)))
+    """The claimed deliveries' events by id: primary-key probes, whatever the statistics.
+
+    A join in the UPDATE's statement would leave the choice to the planner, which on
+    a table just filled and not yet analyzed may read every event, payloads and all.
+    """
+    if dialect != "postgresql":
+        return select(*_EVENT_COLUMNS).where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)))
+    ids = bindparam("ids", type_=postgresql.ARRAY(BigInteger))
+    return select(*_EVENT_COLUMNS).where(_EVENTS.c.id == any_(ids))
 
 
 def _claimed(connection: Any, dialect: str, parameters: dict[str, Any]) -> list[ClaimedDelivery]:
     """Take the held users' due deliveries (``_take_deliveries``), each with its event."""
     rows = connection.execute(_take_deliveries(dialect), parameters).all()
-    width = len(_DELIVERY_COLUMNS)
-    if dialect == "postgresql":
-        return [ClaimedDelivery(ClaimedEvent(*row[width:]), *row[1:width]) for row in rows]
     ids = list({row.event_pk for row in rows})
     events = {
         row.id: ClaimedEvent(*row) for row in connection.execute(_events_of(dialect), {"ids": ids})
