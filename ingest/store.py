@@ -11,7 +11,6 @@ answer (an HTTP status, a count).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from idsync.settings import Settings
 from ingest.validation import (
     InvalidEvent,
+    canonical_json,
     clean_text,
     quarantine_text,
     read_envelope,
@@ -73,8 +73,7 @@ def document_sha256(document: Any) -> str:
     are the same event in different bytes (key order, spacing), so duplicates
     are compared by content, not by the bytes of one request.
     """
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(document).encode()).hexdigest()
 
 
 def source_allowed(settings: Settings, document: dict[str, Any]) -> bool:
@@ -140,11 +139,25 @@ def store_document(
     try:
         if not source_allowed(settings, document):
             return StoreResult("forbidden", reason=NOT_ALLOWED)
-        event = to_new_event(document, b"")
+        canonical = _canonical_or_none(document)
+        event = to_new_event(document, b"", canonical=canonical)
     except InvalidEvent as error:
         return quarantine(sessions, body, str(error), document)
-    event = replace(event, body_sha256=document_sha256(document), received_via=received_via.value)
+    # One canonical text serves validation and the duplicate check's hash alike.
+    sha256 = (
+        hashlib.sha256(canonical.encode()).hexdigest()
+        if canonical is not None
+        else document_sha256(document)
+    )
+    event = replace(event, body_sha256=sha256, received_via=received_via.value)
     return _record(sessions, engine or sessions.kw["bind"], settings, waker, event, body, document)
+
+
+def _canonical_or_none(document: Any) -> str | None:
+    try:
+        return canonical_json(document)
+    except (ValueError, TypeError, RecursionError):
+        return None  # validation walks the document and says what is wrong with it
 
 
 def _record(

@@ -37,6 +37,8 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # What json.dumps (ASCII output) writes for a NUL or a surrogate: a superset of the unstorable.
 _ESCAPED_UNSTORABLE = re.compile(r"\\u(?:0000|d[89a-f])")
+# How canonical_json writes a non-finite number: always after ":", "[" or ",".
+_NON_FINITE_TOKEN = re.compile(r"[:,\[]-?(?:NaN|Infinity)")
 
 
 def _column_length(name: str) -> int:
@@ -90,30 +92,39 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text.replace("\x00", ""))
 
 
-def _plainly_storable(value: Any) -> bool:
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON with sorted keys and no spaces: one text whatever spelling carried it."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _plainly_storable(value: Any, canonical: str | None) -> bool:
     """Whether ``value`` certainly holds nothing to clean or refuse, decided at C speed.
 
-    ``json.dumps`` refuses non-finite numbers (``allow_nan=False``) and writes every NUL
-    and unpaired surrogate as an escape (``\\u0000``, ``\\udxxx``); the brackets it
-    writes bound the nesting depth. A False only means: walk the value and see.
+    Its ``canonical_json`` writes every NUL and unpaired surrogate as an escape
+    (``\\u0000``, ``\\udxxx``) and every non-finite number as a bare ``NaN`` or
+    ``Infinity``; its brackets bound the nesting depth. A False only means: walk the
+    value and see.
     """
     try:
-        text = json.dumps(value, allow_nan=False)
+        text = canonical if canonical is not None else canonical_json(value)
     except (ValueError, TypeError, RecursionError):
         return False
     return (
-        text.count("[") + text.count("{") <= MAX_DEPTH and _ESCAPED_UNSTORABLE.search(text) is None
+        text.count("[") + text.count("{") <= MAX_DEPTH
+        and _ESCAPED_UNSTORABLE.search(text) is None
+        and _NON_FINITE_TOKEN.search(text) is None
     )
 
 
-def storable(value: Any, depth: int = 1) -> Any:
+def storable(value: Any, depth: int = 1, *, canonical: str | None = None) -> Any:
     """The JSON ``value`` as the database can hold it: a copy with strings cleaned
     when any needs it, else ``value`` itself.
 
     Raises ``InvalidEvent`` when it is nested deeper than ``MAX_DEPTH`` or holds a
-    number that is not finite; the recursion stops at ``MAX_DEPTH``.
+    number that is not finite; the recursion stops at ``MAX_DEPTH``. ``canonical``
+    is ``canonical_json(value)`` when the caller has it already.
     """
-    if depth == 1 and isinstance(value, dict | list) and _plainly_storable(value):
+    if depth == 1 and isinstance(value, dict | list) and _plainly_storable(value, canonical):
         return value  # most events: no walk, no copy
     if isinstance(value, str):
         return clean_text(value)
@@ -222,13 +233,16 @@ def without_context(document: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-def to_new_event(document: dict[str, Any], body: bytes) -> NewEvent:
+def to_new_event(
+    document: dict[str, Any], body: bytes, *, canonical: str | None = None
+) -> NewEvent:
     """Validate ``document`` as an Auth0 event and describe how to store it.
 
     The type is checked before the user fields, so event types idsync does not
-    handle are stored as ignored instead of being rejected.
+    handle are stored as ignored instead of being rejected. ``canonical`` is
+    ``canonical_json(document)`` when the caller has it already.
     """
-    cleaned = storable(document)
+    cleaned = storable(document, canonical=canonical)
     envelope = read_envelope(document)
     for name, value in (
         ("id", envelope.event_id),

@@ -264,8 +264,8 @@ def test_value_the_database_refuses_after_validation_is_422_not_503(
     """The last line of defence: a DataError is the body's fault, not an outage."""
     validate = store.to_new_event
 
-    def let_a_nul_through(document: dict[str, Any], body: bytes) -> NewEvent:
-        return dataclasses.replace(validate(document, body), payload={"note": NUL})
+    def let_a_nul_through(document: dict[str, Any], body: bytes, **options: Any) -> NewEvent:
+        return dataclasses.replace(validate(document, body, **options), payload={"note": NUL})
 
     monkeypatch.setattr(store, "to_new_event", let_a_nul_through)
     answer = post(client, encoded(event()))
