@@ -166,12 +166,6 @@ class ExportRoster:
         finally:
             self.connection.close()
 
-    def __enter__(self) -> ExportRoster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def add(self, user_ids: Sequence[str], unidentified: int = 0) -> None:
         """Note ``user_ids`` as held by the export, and lines that name nobody."""
         self.unidentified += unidentified
