@@ -1,6 +1,6 @@
 """Salesforce CRM: keep one Contact (or Lead) per Auth0 user, keyed by an External ID field.
 
-The rules (docs/destinations/salesforce.md; facts from ``shared/reference/destinations.md``
+The rules (README.md, section "Salesforce"; facts from ``shared/reference/destinations.md``
 and developer.salesforce.com, cited where used):
 
 - A new user is created with an sObject Collections upsert keyed by the External

@@ -22,7 +22,7 @@ KIND = "salesforce"
 # Salesforce has no per-second limit, only a rolling 24-hour allocation of API
 # calls per org (Enterprise: 100,000 + 1,000 per licence; "API Request Limits and
 # Allocations"). One call a second spends at most 86,400 a day, even with a
-# backlog that lasts all day; sizing is in docs/destinations/salesforce.md.
+# backlog that lasts all day; sizing is in README.md, section "Salesforce".
 DEFAULT_RATE_LIMIT = "1/1s"
 # sObject Collections take at most 200 records per call
 # (developer.salesforce.com, "Upsert Records Using sObject Collections").
