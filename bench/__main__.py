@@ -24,6 +24,7 @@ from pathlib import Path
 import redis
 
 from bench.backfill import BackfillOptions, run_backfill_bench
+from bench.bare_loop import BareLoop
 from bench.claims import ClaimsOptions, claims_rows, run_claims
 from bench.common import (
     PG_ADMIN_URL,
@@ -44,6 +45,7 @@ from bench.report import (
     Report,
     Row,
     backfill_rows,
+    bare_loop_rows,
     capacity_row,
     delivery_rows,
     ingest_rows,
@@ -388,6 +390,7 @@ class Runner:
         batch_size: int,
         label: str,
         options: DeliveryOptions | None = None,
+        baseline: BareLoop | None = None,
     ) -> BacklogResult:
         return run_backlog(
             options or self._options(),
@@ -400,6 +403,7 @@ class Runner:
             run_id=self.run_id,
             workdir=self._dir(label),
             schema=self.schema(),
+            baseline=baseline,
         )
 
     def capacity(self) -> None:
@@ -409,8 +413,14 @@ class Runner:
         self._say(f"delivery: capacity without a rate limit, {count} new users and updates")
         options = replace(self._options(), rate_limit=UNLIMITED, window=1.0)
         phases = [Phase("created", count), Phase("updated", count)]
-        result = self._backlog(phases, batch_size=100, label="capacity", options=options)
+        bare = BareLoop(
+            count, admin_url=args.pg_admin_url, run_id=self.run_id, schema=self.schema()
+        )
+        result = self._backlog(
+            phases, batch_size=100, label="capacity", options=options, baseline=bare
+        )
         self.report.rows.append(capacity_row(result, self._options()))
+        self.report.rows += bare_loop_rows(result, bare.result)
         self.report.notes += result.notes
 
     def delivery(self) -> None:

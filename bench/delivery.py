@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -469,10 +469,13 @@ def run_backlog(
     run_id: str,
     workdir: Path,
     schema: str,
+    baseline: Callable[[str, int], None] | None = None,
 ) -> BacklogResult:
     """Run ``phases`` one after another through one worker, beat and fake HubSpot.
 
-    The database starts as a copy of ``schema``, a migrated empty database.
+    The database starts as a copy of ``schema``, a migrated empty database. A
+    ``baseline`` runs first against the same fake (given its URL and process id),
+    before the backlog is written and the workers start.
     """
     prefix = f"idsync-bench-{run_id}-{label}"
     database = f"idsync_bench_{run_id}_{label}"
@@ -508,6 +511,8 @@ def run_backlog(
             )
             stack.wait_for_http(f"{fake_url}/_fake/stats", timeout=60)
             fake = FakeControl(fake_url)
+            if baseline is not None:
+                baseline(fake_url, stack_pid(stack, "fake"))
             first_id, _ = insert_backlog(url, phases[0].kind, phases[0].events, run_id)
             stack.start(
                 "worker", worker_command(concurrency=options.concurrency, name=f"bench-{label}")

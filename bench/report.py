@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from bench.backfill import TARGET_SECONDS, TARGET_USERS, BackfillResult
+from bench.bare_loop import BareLoopResult, BarePass
 from bench.common import Machine, code_revision
 from bench.delivery import BacklogResult, DeliveryOptions, PhaseResult
 from bench.ingest import IngestOptions, IngestResult
@@ -297,6 +298,79 @@ def capacity_row(result: BacklogResult, limited: DeliveryOptions) -> Row:
         f"{number(limited.ceiling)}/s below",
         rates,
     )
+
+
+GOAL_NEW_USERS = 1900  # new users per second on a 2-core machine: the issue's goal
+
+
+def _cpu_ms(cpu: dict[str, float], contacts: int) -> str:
+    parts = [
+        f"{name} {number(seconds * 1000 / contacts, 2)}"
+        for name, seconds in sorted(cpu.items(), key=lambda item: -item[1])
+        if seconds > 0
+    ]
+    return ", ".join(parts) or "n/a"
+
+
+def _bare_pass(done: BarePass) -> str:
+    return f"{number(done.rate)}/s ({number(done.synced)} in {number(done.elapsed, 1)} s)"
+
+
+def bare_loop_rows(capacity: BacklogResult, bare: BareLoopResult) -> list[Row]:
+    """The bare loop's pace, idsync's capacity over it, and both sides' CPU per contact."""
+    rows = [
+        Row(
+            "delivery",
+            "bare loop, contacts per second (one process: claim 100, one batch call, one UPDATE)",
+            "; ".join(
+                f"{_phase_label(phase)} {_bare_pass(done)}"
+                for phase in capacity.phases
+                if (done := bare.of(phase.phase.kind)) is not None
+            ),
+        )
+    ]
+    for phase in capacity.phases:
+        done = bare.of(phase.phase.kind)
+        if done is None:
+            continue
+        ratio = phase.rate / done.rate if done.rate else float("nan")
+        goal = (
+            f"; the goal behind it: {number(GOAL_NEW_USERS)} new users/s"
+            if phase.phase.kind == "created"
+            else ""
+        )
+        rows += [
+            Row(
+                "delivery",
+                f"capacity / bare loop, {_phase_label(phase)}",
+                f"{number(ratio, 2)}x (idsync {number(phase.rate)}/s vs bare loop "
+                f"{number(done.rate)}/s{goal})",
+                ">= 0.8x",
+                verdict(ratio, 0.8, at_least=True),
+            ),
+            Row(
+                "delivery",
+                f"CPU ms per contact without a rate limit, {_phase_label(phase)}",
+                f"idsync: {_cpu_ms(phase.cpu, max(phase.synced, 1))}; bare loop: "
+                f"{_cpu_ms(done.cpu, max(done.synced, 1))}",
+            ),
+        ]
+    rows.append(
+        Row(
+            "delivery",
+            "bare loop setup",
+            "in the benchmark's own process, psycopg 3 (autocommit) and `requests.Session`, "
+            "no SQLAlchemy or Celery; idsync's `deliveries` and `events` tables in a database "
+            "of its own, copied from the same migrated schema and filled by the same "
+            "`insert_backlog` with the same users; claim: `UPDATE deliveries ... FROM events "
+            "WHERE id IN (SELECT id ... LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING` the "
+            "profile (and, for updates, the contact id the first pass wrote); one "
+            "`batch/upsert` by email (new users) or `batch/update` by id (linked users) to "
+            "the same fake HubSpot process, before idsync's workers start (the fake is reset "
+            "after it); one `UPDATE` marking the batch succeeded",
+        )
+    )
+    return rows
 
 
 def naive_rows(naive: BacklogResult, batched: PhaseResult, batched_source: str) -> list[Row]:
