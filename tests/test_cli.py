@@ -7,6 +7,7 @@ test points DATABASE_URL and the broker at this run's database and Redis prefix.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -303,7 +304,8 @@ def test_destinations_list_shows_the_headroom_workers_reported(
         )
         [view] = as_json(idsync("destinations", "list", "--json"))
         assert (view["rate_limit"]["max"], view["rate_limit"]["remaining"]) == (190, 12)
-        assert "12/190 per 10 s; seen 0 s ago" in idsync("destinations", "list").stdout
+        # The age is whole seconds since the report; a slow machine may show 1 or 2.
+        assert re.search(r"12/190 per 10 s; seen \d+ s ago", idsync("destinations", "list").stdout)
     finally:
         reporter.client.delete(reporter.key)
 
