@@ -38,6 +38,12 @@ class Pipeline:
         self.client = self.app.test_client()
         self.destination = HubSpotDestination(self.settings, LocalRateLimiter(limit=1000, window=1))
 
+    def close(self) -> None:
+        """Close the adapter and the app's database pools (an open connection left to the
+        garbage collector fails whichever test is running when it is collected)."""
+        self.destination.close()
+        self.app.extensions["idsync"].engine.dispose()
+
     def reset(self) -> None:
         """Empty the outbox and the fake, for one more property-test example."""
         with self.sessions() as session, session.begin():
@@ -91,5 +97,4 @@ class Pipeline:
 def pipeline(settings: Settings, sessions: Any, hubspot: FakeHubSpot) -> Iterator[Pipeline]:
     pipe = Pipeline(settings.model_copy(update={"retry_schedule": ("0s",) * 4}), sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()

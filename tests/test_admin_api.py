@@ -35,8 +35,7 @@ def pipeline(
     )
     pipe = Pipeline(configured, sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()
 
 
 def failed_delivery(pipeline: Pipeline) -> int:

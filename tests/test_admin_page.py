@@ -76,8 +76,7 @@ def pipeline(
     """The shared pipeline with the admin page on (ADMIN_TOKEN and SECRET_KEY set)."""
     pipe = admin_pipeline(settings, sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()
 
 
 def csrf_token(page: Any) -> str:
@@ -206,8 +205,7 @@ def test_the_page_answers_503_without_a_secret_key(
         )
         assert api.status_code == 200
     finally:
-        pipe.destination.close()
-        pipe.app.extensions["idsync"].engine.dispose()
+        pipe.close()
 
 
 @pytest.mark.parametrize(

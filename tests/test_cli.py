@@ -62,8 +62,7 @@ def pipeline(
     )
     pipe = Pipeline(configured, sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()
 
 
 def idsync(*args: str, input: str | None = None) -> Result:

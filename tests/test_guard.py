@@ -309,5 +309,4 @@ def test_the_admin_api_and_page_approve_held_deprovisions(
         )
         assert approved.status_code == 302 and _held(pipe) == 0
     finally:
-        pipe.destination.close()
-        pipe.app.extensions["idsync"].engine.dispose()
+        pipe.close()

@@ -55,8 +55,7 @@ def pipeline(
     )
     pipe = Pipeline(configured, sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()
 
 
 def sign_in(pipeline: Pipeline, next_page: str | None = None) -> Any:

@@ -610,8 +610,7 @@ def segment_pipeline(
     )
     pipe = Pipeline(chosen, sessions, hubspot)
     yield pipe
-    pipe.destination.close()
-    pipe.app.extensions["idsync"].engine.dispose()
+    pipe.close()
 
 
 def test_the_engine_delivers_creates_blocks_and_deletes_to_segment(

@@ -703,8 +703,9 @@ def test_two_tenants_users_with_one_user_id_both_reach_the_receiver(
             )
             assert pipeline.post(event).status_code == 202
         pipeline.drain_with(adapter)
+        assert pipeline.deliveries() == [("succeeded", None), ("succeeded", None)]
     finally:
         adapter.close()
-    assert pipeline.deliveries() == [("succeeded", None), ("succeeded", None)]
+        pipeline.close()
     sources = sorted(message["data"]["source"] for message in receiver.messages())
     assert sources == ["urn:auth0:a.example.com", "urn:auth0:b.example.com"]
