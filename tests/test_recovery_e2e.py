@@ -156,8 +156,10 @@ def test_failed_deliveries_come_back_once_and_the_stream_is_reenabled(
             # Each event stored once: by the webhook before the outage, by recovery after.
             assert stored(stack) == USERS * (ROUNDS + 1)
             assert stored(stack, received_via="webhook") == USERS
+            # Which later pass re-reads which still-failed delivery (a duplicate then) depends
+            # on timing; that each was stored exactly once does not.
             assert sum(p.stored for p in passes(stack)) == FAILED
-            assert max(p.duplicates for p in passes(stack)) == FAILED
+            assert all(p.stored + p.duplicates + p.rejected <= p.listed for p in passes(stack))
             # Auth0's redelivered copies were answered 200 duplicate, each once it got through.
             redelivered = [a.status for a in auth0.answers if a.redelivery and a.status]
             assert redelivered == [200] * FAILED
