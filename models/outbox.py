@@ -29,6 +29,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     union_all,
     update,
@@ -694,28 +695,75 @@ def still_held(*, session: Session, link_ids: Iterable[int], token: str) -> set[
     ids = list(link_ids)
     if not ids:
         return set()
-    rows = session.scalars(
-        select(Link.id).where(Link.id.in_(ids), Link.lease_token == token).with_for_update()
-    ).all()
+    connection = session.connection()
+    dialect = connection.dialect.name
+    rows = connection.execute(_still_held(dialect), {"ids": ids, "token": token}).scalars()
     return set(rows)
+
+
+@cache
+def _still_held(dialect: str) -> Any:
+    ids = _ids_parameter(dialect, "ids")
+    chosen = _LINKS.c.id == any_(ids) if dialect == "postgresql" else _LINKS.c.id.in_(ids)
+    token = bindparam("token", type_=String())
+    return select(_LINKS.c.id).where(chosen, _LINKS.c.lease_token == token).with_for_update()
+
+
+def _ids_parameter(dialect: str, name: str, type_: Any = BigInteger) -> Any:
+    """A list parameter: one array on PostgreSQL (one statement text for any length,
+    prepared once), an expanding IN elsewhere."""
+    if dialect == "postgresql":
+        return bindparam(name, type_=postgresql.ARRAY(type_))
+    return bindparam(name, expanding=True)
 
 
 def live_contacts_of_others(
     *, session: Session, destination: str, contact_ids: Iterable[str], link_ids: Iterable[int]
 ) -> set[str]:
-    """Those of ``contact_ids`` that a live link outside ``link_ids`` holds."""
+    """Those of ``contact_ids`` that a live link outside ``link_ids`` holds.
+
+    The contacts are looked up in the unique index of live links, a probe each: the
+    cost is the batch's, not the number of links the destination has.
+    """
     ids = list(set(contact_ids))
     if not ids:
         return set()
-    rows = session.scalars(
-        select(Link.external_id).where(
-            Link.destination == destination,
-            Link.external_id.in_(ids),
-            ~Link.deprovisioned,  # as the partial index says it, so it is used
-            Link.id.not_in(list(link_ids)),
-        )
-    ).all()
+    connection = session.connection()
+    dialect = connection.dialect.name
+    parameters = {"dest": destination, "contacts": ids, "links": list(link_ids) or [0]}
+    rows = connection.execute(_live_contacts(dialect), parameters).scalars()
     return {row for row in rows if row is not None}
+
+
+# Each contact is one probe of the unique index of live links (a LATERAL subquery per
+# contact): a plan that reads the destination's live links and filters them, which the
+# planner picks for ``external_id = ANY(...)`` when its statistics still say the index
+# is small, would cost the number of links, not the batch.
+_LIVE_CONTACTS_ON_POSTGRESQL = text(
+    """
+SELECT found.external_id
+FROM unnest(CAST(:contacts AS varchar[])) AS wanted (id)
+CROSS JOIN LATERAL (
+    SELECT links.external_id FROM links
+    WHERE links.destination = :dest AND links.external_id = wanted.id
+      AND links.external_id IS NOT NULL AND NOT links.deprovisioned
+      AND links.id <> ALL (CAST(:links AS bigint[]))
+    LIMIT 1
+) AS found
+"""
+)
+
+
+@cache
+def _live_contacts(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return _LIVE_CONTACTS_ON_POSTGRESQL
+    return select(_LINKS.c.external_id).where(
+        _LINKS.c.destination == bindparam("dest"),
+        _LINKS.c.external_id.in_(bindparam("contacts", expanding=True)),
+        ~_LINKS.c.deprovisioned,
+        _LINKS.c.id.not_in(bindparam("links", expanding=True)),
+    )
 
 
 def hold_contact(*, session: Session, link_id: int, token: str, external_id: str) -> bool:

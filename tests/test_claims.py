@@ -14,10 +14,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.outbox import claim_due, has_due_work
+from models.outbox import claim_due, has_due_work, live_contacts_of_others
 from models.tables import Delivery, DeliveryStatus, Event, EventStatus
 
 DESTINATION = "hubspot"
@@ -159,3 +160,54 @@ def test_the_candidates_come_from_the_partial_indexes(session: Session) -> None:
     assert "ix_deliveries_pending" in plan
     assert "ix_deliveries_leased" in plan
     assert _claim(session, 5) == ["due"]
+
+
+def _rows_read(plan: dict[str, Any]) -> int:
+    """Rows the scans of ``plan`` (EXPLAIN ANALYZE, JSON) read: kept plus filtered out."""
+    own = 0
+    if "Scan" in plan["Node Type"] and plan["Node Type"] != "Function Scan":
+        own = (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)) * plan["Actual Loops"]
+    return own + sum(_rows_read(child) for child in plan.get("Plans", []))
+
+
+def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Session) -> None:
+    """Recording a batch asks which of its contacts other users hold: one probe each.
+
+    The statistics are those of a first pass (links analyzed while they had no
+    contact yet). A plan that scanned the destination's live links and filtered them
+    cost every batch the number of links: 5,000 rows here for 50 contacts.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("the plan is PostgreSQL's")
+    session.execute(
+        text(
+            "INSERT INTO links (destination, source, subject) "
+            "SELECT :dest, :source, 'user-' || n FROM generate_series(1, 5000) AS n"
+        ),
+        {"dest": DESTINATION, "source": SOURCE},
+    )
+    session.execute(text("ANALYZE links"))
+    session.execute(text("UPDATE links SET external_id = 'contact-' || id"))
+    first = session.execute(text("SELECT min(id) FROM links")).scalar_one()
+    contacts = [f"contact-{first + n}" for n in range(50)]
+    ours = [first + n for n in range(40)]  # the batch's own links hold the first 40
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    engine = session.get_bind()
+    sqlalchemy_event.listen(engine, "before_cursor_execute", capture)
+    try:
+        others = live_contacts_of_others(
+            session=session, destination=DESTINATION, contact_ids=contacts, link_ids=ours
+        )
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", capture)
+    assert others == set(contacts[40:])
+    statement, parameters = statements[-1]
+    explained = session.connection().exec_driver_sql(
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+    )
+    read = _rows_read(explained.scalar_one()[0]["Plan"])
+    assert read <= 2 * len(contacts), f"read {read} rows of links for {len(contacts)} contacts"
