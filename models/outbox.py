@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 from functools import cache
 from typing import Any
 
@@ -24,7 +25,6 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
-    cast,
     func,
     insert,
     or_,
@@ -443,11 +443,6 @@ def _candidates() -> Any:
     )
 
 
-def _user_key(source: str, subject: str) -> str:
-    """One string per user, unambiguous whatever the two contain (the first is measured)."""
-    return f"{len(source)}:{source}{subject}"
-
-
 # The claim reads these columns, in the order of the dataclasses' fields.
 _LINKS: Any = Link.__table__
 _DELIVERIES: Any = Delivery.__table__
@@ -489,65 +484,97 @@ def _new_links(dialect: str) -> Any:
     return statement.returning(*_LINK_COLUMNS)
 
 
-def _users_match(dialect: str, table: Any) -> Any:
-    """``(source, subject)`` of ``table`` is one of the users passed as parameters.
-
-    SQLite: a tuple IN of the pairs. PostgreSQL: each column against its own array,
-    which the indexes on (destination, source, subject, ...) answer with a few probes
-    at any size of the table, then the exact pairs checked row by row (``_user_key``).
-    The statement text is the same for any batch (psycopg prepares it once), and no
-    plan, generic or custom, with or without statistics of a table just filled, can
-    turn it into a scan of the backlog matched against every user.
-    """
-    if dialect != "postgresql":
-        return tuple_(table.c.source, table.c.subject).in_(bindparam("users", expanding=True))
-    key = func.length(table.c.source).cast(String) + ":" + table.c.source + table.c.subject
-    return and_(
-        table.c.source == any_(bindparam("sources", type_=postgresql.ARRAY(String))),
-        table.c.subject == any_(bindparam("subjects", type_=postgresql.ARRAY(String))),
-        key == any_(bindparam("keys", type_=postgresql.ARRAY(String))),
-    )
-
-
 def _users_parameters(dialect: str, users: list[tuple[str, str]]) -> dict[str, Any]:
-    """The parameters ``_users_match`` reads."""
+    """The users as the claim's statements read them: pairs on SQLite, two arrays on
+    PostgreSQL (one statement text for any batch, which psycopg prepares once)."""
     if dialect != "postgresql":
         return {"users": users}
     return {
-        "sources": sorted({source for source, _ in users}),
+        "sources": [source for source, _ in users],
         "subjects": [subject for _, subject in users],
-        "keys": [_user_key(*user) for user in users],
     }
+
+
+def _names(columns: Iterable[Any]) -> str:
+    return ", ".join(column.name for column in columns)
+
+
+# On PostgreSQL each held user's rows are found by a probe of their own: a LATERAL
+# subquery per (source, subject) with equality on every column of the user's index.
+# Conditions on the whole batch at once (``subject = ANY(...)``) leave the planner a
+# choice it makes from statistics, and on tables filled since their last ANALYZE (a
+# first backfill) it took "every row of the destination, then filter": a scan of
+# every link or of the whole backlog for each claim. ``OFFSET 0`` (and the row lock
+# in the links' subquery) keeps the planner from turning the probes back into one
+# join. The ids found reach the UPDATE as one array, so the UPDATE probes the
+# primary key; its own check on the status (a row another transaction finished since
+# this statement's snapshot is left alone) is one no partial index answers, so that
+# no plan trades those probes for a scan of every pending row.
+_WANTED = (
+    "unnest(CAST(:sources AS varchar[]), CAST(:subjects AS varchar[])) AS wanted (source, subject)"
+)
+_DUE = (
+    "((candidate.status = 'pending' AND candidate.held IS NULL"
+    " AND candidate.next_attempt_at <= :now)"
+    " OR (candidate.status = 'in_progress' AND candidate.lease_expires_at < :now))"
+)
+
+_FREE_LINKS_ON_POSTGRESQL = text(
+    f"""
+UPDATE links SET lease_token = :token, lease_expires_at = :expires_at
+WHERE links.id = ANY (ARRAY(
+    SELECT found.id FROM {_WANTED}
+    CROSS JOIN LATERAL (
+        SELECT candidate.id FROM links AS candidate
+        WHERE candidate.destination = :dest
+          AND candidate.source = wanted.source AND candidate.subject = wanted.subject
+          AND (candidate.lease_token IS NULL OR candidate.lease_expires_at < :now)
+        FOR UPDATE SKIP LOCKED
+    ) AS found
+))
+RETURNING {_names(_LINK_COLUMNS)}
+"""  # noqa: S608 - the names are the table's own columns
+).columns(*_LINK_COLUMNS)
+
+_TAKE_DELIVERIES_ON_POSTGRESQL = text(
+    f"""
+UPDATE deliveries
+SET reclaims = deliveries.reclaims + CASE WHEN deliveries.status = 'in_progress' THEN 1 ELSE 0 END,
+    status = 'in_progress', lease_token = :token, lease_expires_at = :expires_at,
+    updated_at = :now, task_id = :task
+WHERE deliveries.id = ANY (ARRAY(
+    SELECT due.id FROM {_WANTED}
+    CROSS JOIN LATERAL (
+        SELECT candidate.id FROM deliveries AS candidate
+        WHERE candidate.destination = :dest
+          AND candidate.source = wanted.source AND candidate.subject = wanted.subject
+          AND {_DUE}
+        OFFSET 0
+    ) AS due
+))
+  AND deliveries.status IN ('pending', 'in_progress')
+RETURNING {_names(_DELIVERY_COLUMNS)}
+"""  # noqa: S608 - the names are the table's own columns
+).columns(*_DELIVERY_COLUMNS)
 
 
 @cache
 def _free_links(dialect: str) -> Any:
     """Lease the existing links of the given users that nobody holds; their rows back.
 
-    Locked rows are skipped (another worker is taking them). The users are found
-    through the unique index (``_users_match``) and, on PostgreSQL, the locked ids
-    reach the UPDATE as one array, so it probes the primary key: no plan here reads
-    the whole table.
+    Locked rows are skipped (another worker is taking them).
     """
-    destination = bindparam("dest", type_=String())
+    if dialect == "postgresql":
+        return _FREE_LINKS_ON_POSTGRESQL
     now = bindparam("now", type_=UTCDateTime())
     free = or_(_LINKS.c.lease_token.is_(None), _LINKS.c.lease_expires_at < now)
-    users = _users_match(dialect, _LINKS)
-    locked = (
-        select(_LINKS.c.id)
-        .where(_LINKS.c.destination == destination, users, free)
-        .order_by(_LINKS.c.id)
-        .with_for_update(skip_locked=True)
+    users = tuple_(_LINKS.c.source, _LINKS.c.subject).in_(bindparam("users", expanding=True))
+    locked = select(_LINKS.c.id).where(
+        _LINKS.c.destination == bindparam("dest", type_=String()), users, free
     )
-    if dialect == "postgresql":
-        ids = select(func.array_agg(locked.subquery().c.id)).scalar_subquery()
-        # Cast, so that ANY reads one array value, not the rows of a subquery.
-        chosen = _LINKS.c.id == any_(cast(ids, postgresql.ARRAY(BigInteger)))
-    else:
-        chosen = _LINKS.c.id.in_(locked.scalar_subquery())
     return (
         update(_LINKS)
-        .where(chosen)
+        .where(_LINKS.c.id.in_(locked.scalar_subquery()))
         .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires_at"))
         .returning(*_LINK_COLUMNS)
     )
@@ -556,15 +583,16 @@ def _free_links(dialect: str) -> Any:
 @cache
 def _take_deliveries(dialect: str) -> Any:
     """Mark the held users' due deliveries in progress under the lease; their state back."""
+    if dialect == "postgresql":
+        return _TAKE_DELIVERIES_ON_POSTGRESQL
     destination = bindparam("dest", type_=String())
     now = bindparam("now", type_=UTCDateTime())
-    taken = (
+    users = tuple_(_DELIVERIES.c.source, _DELIVERIES.c.subject).in_(
+        bindparam("users", expanding=True)
+    )
+    return (
         update(_DELIVERIES)
-        .where(
-            _DELIVERIES.c.destination == destination,
-            _users_match(dialect, _DELIVERIES),
-            _due(destination, now),
-        )
+        .where(_DELIVERIES.c.destination == destination, users, _due(destination, now))
         .values(
             reclaims=_DELIVERIES.c.reclaims
             + case((_DELIVERIES.c.status == DeliveryStatus.IN_PROGRESS, 1), else_=0),
@@ -576,7 +604,6 @@ def _take_deliveries(dialect: str) -> Any:
         )
         .returning(*_DELIVERY_COLUMNS)
     )
-    return taken
 
 
 @cache
@@ -633,28 +660,14 @@ def claim_due(
     if not users:
         return Claim(token=token, now=now, expires_at=expires_at, users=[])
     lease_values = {"dest": destination, "token": token, "expires_at": expires_at}
-    if dialect == "postgresql":
-        sources, subjects = (list(column) for column in zip(*users, strict=True))
-        created = connection.execute(
-            _new_links(dialect), {**lease_values, "sources": sources, "subjects": subjects}
-        ).all()
-    else:
-        created = connection.execute(
-            _new_links(dialect),
-            [
-                {
-                    "destination": destination,
-                    "source": source,
-                    "subject": subject,
-                    "lease_token": token,
-                    "lease_expires_at": expires_at,
-                }
-                for source, subject in users
-            ],
-        ).all()
+    # Existing links first: after a first pass every user has one, and the INSERT of
+    # missing links is left out. A user whose link another worker holds (or creates
+    # meanwhile) is in neither result, and so is skipped by this claim.
     free = connection.execute(
         _free_links(dialect), {**lease_values, "now": now, **_users_parameters(dialect, users)}
     ).all()
+    found = {(row.source, row.subject) for row in free}
+    created = _create_links(connection, dialect, lease_values, [u for u in users if u not in found])
     rank = {user: index for index, user in enumerate(users)}
     links = sorted(
         (ClaimedLink(*row) for row in [*created, *free]),
@@ -671,6 +684,33 @@ def claim_due(
         expires_at=expires_at,
         users=_group_by_user(links, claimed, max_reclaims),
     )
+
+
+def _create_links(
+    connection: Any, dialect: str, lease_values: dict[str, Any], users: list[tuple[str, str]]
+) -> list[Any]:
+    """Create the links of ``users`` that have none, held by this claim; their rows back.
+
+    Users whose link exists (held by another worker, or created by one a moment ago)
+    are left out of the result.
+    """
+    if not users:
+        return []
+    if dialect == "postgresql":
+        sources, subjects = (list(column) for column in zip(*users, strict=True))
+        parameters: Any = {**lease_values, "sources": sources, "subjects": subjects}
+    else:
+        parameters = [
+            {
+                "destination": lease_values["dest"],
+                "source": source,
+                "subject": subject,
+                "lease_token": lease_values["token"],
+                "lease_expires_at": lease_values["expires_at"],
+            }
+            for source, subject in users
+        ]
+    return connection.execute(_new_links(dialect), parameters).all()
 
 
 def _group_by_user(
@@ -917,24 +957,67 @@ def _many(table: Any, columns: tuple[str, ...], token: str, now: datetime) -> An
     )
 
 
+@cache
+def _many_from_arrays(table: Any, columns: tuple[str, ...]) -> Any:
+    """``_many`` as one statement on PostgreSQL: each column's new values travel as one array.
+
+    One UPDATE joined to ``unnest`` of the arrays, each row found by its primary key,
+    instead of one statement per row: the server plans and runs it once for a batch.
+    """
+    dialect = postgresql.dialect()
+    arrays = ", ".join(
+        f"CAST(:new_{column} AS {table.c[column].type.compile(dialect=dialect)}[])"
+        for column in columns
+    )
+    assignments = ", ".join(f"{column} = new.{column}" for column in columns)
+    # The names are the table's own columns, not input: nothing here comes from outside.
+    return text(
+        f"UPDATE {table.name} SET lease_token = NULL, lease_expires_at = NULL, "  # noqa: S608
+        f"updated_at = :now, {assignments} "
+        f"FROM unnest(CAST(:row_id AS bigint[]), {arrays}) AS new (row_id, {', '.join(columns)}) "
+        f"WHERE {table.name}.id = new.row_id AND {table.name}.lease_token = :token"
+    )
+
+
+def _write_many(
+    session: Session,
+    table: Any,
+    columns: tuple[str, ...],
+    token: str,
+    now: datetime,
+    rows: list[dict[str, Any]],
+) -> None:
+    """Write ``columns`` of ``rows`` (each with its ``id``) and release ``token``'s hold."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(_many(table, columns, token, now), [_params(row, columns) for row in rows])
+        return
+    arrays = {
+        f"new_{column}": [
+            value.value if isinstance(value, Enum) else value
+            for value in (row[column] for row in rows)
+        ]
+        for column in columns
+    }
+    parameters = {"row_id": [row["id"] for row in rows], "token": token, "now": now, **arrays}
+    session.execute(_many_from_arrays(table, columns), parameters)
+
+
 def write_links(*, session: Session, token: str, now: datetime, rows: list[dict[str, Any]]) -> None:
     """Write the new state of held links and release them: one statement, many rows.
 
     Each row has ``id`` and every field of ``LINK_STATE``; the caller has locked
     the rows with ``still_held``, so the compare-and-set on the token holds.
     """
-    if rows:
-        statement = _many(Link.__table__, LINK_STATE, token, now)
-        session.execute(statement, [_params(row, LINK_STATE) for row in rows])
+    _write_many(session, Link.__table__, LINK_STATE, token, now, rows)
 
 
 def write_deliveries(
     *, session: Session, token: str, now: datetime, rows: list[dict[str, Any]]
 ) -> None:
     """Write the new state of claimed deliveries: one statement, many rows."""
-    if rows:
-        statement = _many(Delivery.__table__, DELIVERY_STATE, token, now)
-        session.execute(statement, [_params(row, DELIVERY_STATE) for row in rows])
+    _write_many(session, Delivery.__table__, DELIVERY_STATE, token, now, rows)
 
 
 def _params(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:

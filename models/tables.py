@@ -122,7 +122,6 @@ class Delivery(Base):
             sqlite_where=text("status = 'in_progress'"),
         ),
         Index("ix_deliveries_user", "destination", "source", "subject", "status"),
-        Index("ix_deliveries_updated_at", "updated_at"),
         Index(
             "ix_deliveries_held",
             "destination",

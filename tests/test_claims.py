@@ -182,7 +182,7 @@ def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Sessio
     session.execute(
         text(
             "INSERT INTO links (destination, source, subject) "
-            "SELECT :dest, :source, 'user-' || n FROM generate_series(1, 5000) AS n"
+            "SELECT :dest, :source, 'user-' || n FROM generate_series(1, 20000) AS n"
         ),
         {"dest": DESTINATION, "source": SOURCE},
     )
@@ -211,3 +211,71 @@ def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Sessio
     )
     read = _rows_read(explained.scalar_one()[0]["Plan"])
     assert read <= 2 * len(contacts), f"read {read} rows of links for {len(contacts)} contacts"
+
+
+def _explained_updates(
+    session: Session, statements: list[tuple[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """EXPLAIN ANALYZE of each captured UPDATE, by its first two words."""
+    plans = {}
+    for statement, parameters in statements:
+        if statement.lstrip().startswith("UPDATE"):
+            explained = session.connection().exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+            )
+            plans[" ".join(statement.split()[:2])] = explained.scalar_one()[0]["Plan"]
+    return plans
+
+
+def test_a_claim_reads_its_users_rows_not_the_backlog_on_stale_statistics(
+    session: Session,
+) -> None:
+    """A first backfill fills tables analyzed while empty: the claim must still probe.
+
+    20,000 users are pending, half of them with a link, and the statistics say the
+    tables are empty. Taking the links and the deliveries of 50 users read every
+    link of the destination and every due delivery when the users were matched as a
+    whole batch (``subject = ANY(...)``); probing user by user reads about one row each.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("the plan is PostgreSQL's")
+    session.execute(text("ANALYZE events, deliveries, links"))
+    session.execute(
+        text(
+            "INSERT INTO events (source, event_id, type, subject, event_time, status, "
+            "body_sha256, payload) SELECT :source, 'evt_' || n, 'user.created', 'user-' || n, "
+            "now(), 'accepted', repeat('0', 64), '{}' FROM generate_series(1, 20000) AS n"
+        ),
+        {"source": SOURCE},
+    )
+    session.execute(
+        text(
+            "INSERT INTO deliveries (event_pk, destination, source, subject, status) "
+            "SELECT id, :dest, source, subject, 'pending' FROM events"
+        ),
+        {"dest": DESTINATION},
+    )
+    session.execute(
+        text(
+            "INSERT INTO links (destination, source, subject) "
+            "SELECT :dest, source, subject FROM events WHERE id % 2 = 0"
+        ),
+        {"dest": DESTINATION},
+    )
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    engine = session.get_bind()
+    sqlalchemy_event.listen(engine, "before_cursor_execute", capture)
+    try:
+        claimed = _claim(session, 50)
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", capture)
+    assert len(claimed) == 50
+    plans = _explained_updates(session, statements)
+    assert set(plans) == {"UPDATE links", "UPDATE deliveries"}
+    for statement, plan in plans.items():
+        rows = _rows_read(plan)
+        assert rows <= 3 * 50, f"{statement} read {rows} rows for 50 users: {plan}"
