@@ -770,7 +770,7 @@ def live_contacts_of_others(
         return set()
     connection = session.connection()
     dialect = connection.dialect.name
-    parameters = {"dest": destination, "contacts": ids, "links": list(link_ids) or [0]}
+    parameters = {"dest": destination, "contacts": ids, "links": list(link_ids)}
     rows = connection.execute(_live_contacts(dialect), parameters).scalars()
     return {row for row in rows if row is not None}
 

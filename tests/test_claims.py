@@ -10,6 +10,7 @@ together, and the plan on PostgreSQL using the partial indexes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -170,6 +171,22 @@ def _rows_read(plan: dict[str, Any]) -> int:
     return own + sum(_rows_read(child) for child in plan.get("Plans", []))
 
 
+@contextmanager
+def _statements_run(session: Session) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (text and parameters) the session's engine runs inside the block."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    engine = session.get_bind()
+    sqlalchemy_event.listen(engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", capture)
+
+
 def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Session) -> None:
     """Recording a batch asks which of its contacts other users hold: one probe each.
 
@@ -182,7 +199,7 @@ def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Sessio
     session.execute(
         text(
             "INSERT INTO links (destination, source, subject) "
-            "SELECT :dest, :source, 'user-' || n FROM generate_series(1, 20000) AS n"
+            "SELECT :dest, :source, 'user-' || n FROM generate_series(1, 5000) AS n"
         ),
         {"dest": DESTINATION, "source": SOURCE},
     )
@@ -191,19 +208,10 @@ def test_looking_up_live_contacts_reads_the_batch_not_every_link(session: Sessio
     first = session.execute(text("SELECT min(id) FROM links")).scalar_one()
     contacts = [f"contact-{first + n}" for n in range(50)]
     ours = [first + n for n in range(40)]  # the batch's own links hold the first 40
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        statements.append((statement, parameters))
-
-    engine = session.get_bind()
-    sqlalchemy_event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with _statements_run(session) as statements:
         others = live_contacts_of_others(
             session=session, destination=DESTINATION, contact_ids=contacts, link_ids=ours
         )
-    finally:
-        sqlalchemy_event.remove(engine, "before_cursor_execute", capture)
     assert others == set(contacts[40:])
     statement, parameters = statements[-1]
     explained = session.connection().exec_driver_sql(
@@ -262,17 +270,8 @@ def test_a_claim_reads_its_users_rows_not_the_backlog_on_stale_statistics(
         ),
         {"dest": DESTINATION},
     )
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        statements.append((statement, parameters))
-
-    engine = session.get_bind()
-    sqlalchemy_event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with _statements_run(session) as statements:
         claimed = _claim(session, 50)
-    finally:
-        sqlalchemy_event.remove(engine, "before_cursor_execute", capture)
     assert len(claimed) == 50
     plans = _explained_updates(session, statements)
     assert set(plans) == {"UPDATE links", "UPDATE deliveries"}
