@@ -215,6 +215,32 @@ def test_batch_without_trace_ids_fails_whole_and_applies_nothing(
     assert fake.contacts() == []
 
 
+def test_a_failed_batch_undoes_its_updates_email_moves_and_ids(api: Api, fake: FakeHubSpot) -> None:
+    ada = api.create(email="ada@example.com", firstname="Ada").json()["id"]
+    inputs = [
+        {"id": ada, "properties": {"email": "ada@new.example.com", "firstname": "Adele"}},
+        {"properties": {"email": "bob@example.com"}},
+        {"properties": {"email": "not-an-email"}},
+    ]
+    assert api.batch("update", inputs[:1] + inputs[2:]).status_code == 400
+    assert api.batch("create", inputs[1:]).status_code == 400
+    assert [
+        (c["id"], c["properties"]["email"], c["properties"]["firstname"]) for c in fake.contacts()
+    ] == [(ada, "ada@example.com", "Ada")]
+    assert fake.contact_by_email("ada@new.example.com") is None
+    assert fake.contact_by_email("ada@example.com")["id"] == ada  # type: ignore[index]
+    # The ids the failed create took are free again, as if it never ran.
+    assert api.create(email="bob@example.com").json()["id"] == str(int(ada) + 1)
+
+
+def test_a_batch_write_leaves_the_rest_of_the_account_alone(api: Api, fake: FakeHubSpot) -> None:
+    """A batch costs the same in a large account: it copies none of the other contacts."""
+    others = [api.create(email=f"u{n}@example.com").json()["id"] for n in range(20)]
+    before = {cid: fake._store.contacts[cid] for cid in others}
+    assert api.batch("upsert", [upsert("new@example.com"), upsert("u0@example.com")]).ok
+    assert all(fake._store.contacts[cid] is before[cid] for cid in others)
+
+
 def test_batch_update_partial_failure_covers_404_and_409(api: Api) -> None:
     ada = api.create(email="ada@example.com").json()["id"]
     bob = api.create(email="bob@example.com").json()["id"]
