@@ -76,6 +76,7 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "events": (20_000, 1_000),
     "updates": (5_000, 500),
     "capacity_events": (4_000, 300),
+    "fast_events": (10_000, 1_000),
     "delivery_timeout": (300, 90),
     "naive_events": (2_000, 200),
     "naive_seconds": (40, 10),
@@ -175,6 +176,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "200 contacts/s, within what two cores feed; see --capacity-events)",
     )
     delivery.add_argument("--window", type=float, default=1.0, help="seconds (default 1)")
+    delivery.add_argument(
+        "--fast-rate-limit",
+        type=int,
+        default=10,
+        help="then the same again at this many requests per window (default 10: a ceiling of "
+        "1,000 contacts/s; 0: skip)",
+    )
+    delivery.add_argument(
+        "--fast-events",
+        type=int,
+        help="new-user backlog at --fast-rate-limit, then as many updates as --updates "
+        "allows (10000, quick 1000)",
+    )
     delivery.add_argument(
         "--capacity-events",
         type=int,
@@ -434,6 +448,22 @@ class Runner:
             phases.append(Phase("updated", min(args.updates, args.events)))
         result = self._backlog(phases, batch_size=100, label="delivery")
         self.created = result.phases[0]
+        self.report.rows += delivery_rows(result, self.report.machine.cores)
+        self.report.notes += result.notes
+        if args.fast_rate_limit and args.fast_events:
+            self._fast_delivery()
+
+    def _fast_delivery(self) -> None:
+        """The same workers at a higher rate limit: whether they keep up with its ceiling."""
+        args = self.args
+        events, updates = args.fast_events, min(args.updates, args.fast_events)
+        self._say(
+            f"delivery: {events} new users, then {updates} updates, "
+            f"at {args.fast_rate_limit}/{args.window:g}s"
+        )
+        phases = [Phase("created", events)] + ([Phase("updated", updates)] if updates else [])
+        options = replace(self._options(), rate_limit=args.fast_rate_limit)
+        result = self._backlog(phases, batch_size=100, label="fast", options=options)
         self.report.rows += delivery_rows(result, self.report.machine.cores)
         self.report.notes += result.notes
 

@@ -83,8 +83,9 @@ class IngestResult:
         below = self.results[denominator].rate
         return self.results[numerator].rate / below if below else float("nan")
 
-    def p99_ratio(self) -> float:
-        return self.results["idsync"].percentile_ms(99) / self.results["bare"].percentile_ms(99)
+    def p99_ratio(self, baseline: str = "bare") -> float:
+        """idsync's p99 latency over ``baseline``'s."""
+        return self.results["idsync"].percentile_ms(99) / self.results[baseline].percentile_ms(99)
 
     def cpu_ms(self, server: str, part: str) -> float:
         """CPU milliseconds of ``part`` per accepted request of ``server``."""

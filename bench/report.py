@@ -143,6 +143,13 @@ def ingest_rows(result: IngestResult, cores: int) -> list[Row]:
         ),
         Row(
             "ingest",
+            "idsync p99 / floor p99",
+            f"{result.p99_ratio('floor'):.2f}x",
+            "<= 1.5x",
+            verdict(result.p99_ratio("floor"), 1.5, at_least=False),
+        ),
+        Row(
+            "ingest",
             "idsync / bare, throughput",
             f"{to_bare:.2f}x",
             ">= 0.5x",
@@ -234,8 +241,12 @@ def _cpu_per_thousand(phase: PhaseResult, cores: int) -> str:
     )
 
 
+DELIVERY_TARGET = 0.95  # of the ceiling the rate limit allows, at every rate benchmarked
+
+
 def delivery_rows(result: BacklogResult, cores: int) -> list[Row]:
     options = result.options
+    at = f"at HUBSPOT_RATE_LIMIT={options.rate_limit}/{options.window:g}s"
     rows = []
     for phase in result.phases:
         share = phase.rate / options.ceiling
@@ -244,37 +255,37 @@ def delivery_rows(result: BacklogResult, cores: int) -> list[Row]:
         rows += [
             Row(
                 "delivery",
-                f"contacts synced per second, {_phase_label(phase)}",
+                f"contacts synced per second {at}, {_phase_label(phase)}",
                 f"{number(phase.rate)}/s = {share:.2f} x ceiling {number(options.ceiling)}/s "
                 f"({number(phase.synced)} of {number(phase.phase.events)} in "
                 f"{number(phase.elapsed, 1)} s{steady}){done}",
-                ">= 0.9x ceiling",
-                verdict(share, 0.9, at_least=True),
+                f">= {DELIVERY_TARGET:g}x ceiling",
+                verdict(share, DELIVERY_TARGET, at_least=True),
             ),
             Row(
                 "delivery",
-                f"requests answered 429, {_phase_label(phase)}",
+                f"requests answered 429 {at}, {_phase_label(phase)}",
                 f"{phase.share_429:.2%} ({phase.rate_limited} of {phase.requests}); "
                 + _requests(phase),
                 "< 1%",
                 verdict_below(phase.share_429, 0.01),
             ),
-            Row("delivery", f"request pacing, {_phase_label(phase)}", _pacing(phase, options)),
-            Row("delivery", f"CPU, {_phase_label(phase)}", _cpu_per_thousand(phase, cores)),
+            Row("delivery", f"request pacing {at}, {_phase_label(phase)}", _pacing(phase, options)),
+            Row("delivery", f"CPU {at}, {_phase_label(phase)}", _cpu_per_thousand(phase, cores)),
         ]
     peak = max(result.memory_kb.values(), default=0) / 1024
     each = ", ".join(f"{label} {kb / 1024:.0f}" for label, kb in result.memory_kb.items())
     rows += [
         Row(
             "delivery",
-            "peak memory per celery worker process (VmHWM)",
+            f"peak memory per celery worker process (VmHWM) {at}",
             f"max {peak:.0f} MB ({each} MB)",
             "< 250 MB",
             verdict_below(peak, 250),
         ),
         Row(
             "delivery",
-            "setup",
+            f"setup {at}",
             f"fake HubSpot and HUBSPOT_RATE_LIMIT {options.rate_limit}/{options.window:g}s; "
             f"one `celery -A workers worker --concurrency {options.concurrency}` and beat "
             f"(SWEEP_SECONDS={options.sweep_seconds:g}); HUBSPOT_BATCH_SIZE="

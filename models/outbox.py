@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import Enum
 from functools import cache
 from typing import Any
 
@@ -623,8 +622,10 @@ def _claimed(connection: Any, dialect: str, parameters: dict[str, Any]) -> list[
     """Take the held users' due deliveries (``_take_deliveries``), each with its event."""
     rows = connection.execute(_take_deliveries(dialect), parameters).all()
     ids = list({row.event_pk for row in rows})
+    # .all() fetches the rows at once; iterating a result fetches them one call at a time.
     events = {
-        row.id: ClaimedEvent(*row) for row in connection.execute(_events_of(dialect), {"ids": ids})
+        row.id: ClaimedEvent(*row)
+        for row in connection.execute(_events_of(dialect), {"ids": ids}).all()
     }
     return [ClaimedDelivery(events[row.event_pk], *row[1:]) for row in rows]
 
@@ -958,25 +959,35 @@ def _many(table: Any, columns: tuple[str, ...], token: str, now: datetime) -> An
 
 
 @cache
-def _many_from_arrays(table: Any, columns: tuple[str, ...]) -> Any:
-    """``_many`` as one statement on PostgreSQL: each column's new values travel as one array.
+def _many_from_json(table: Any, columns: tuple[str, ...]) -> Any:
+    """``_many`` as one statement on PostgreSQL: the rows travel as one JSON array.
 
-    One UPDATE joined to ``unnest`` of the arrays, each row found by its primary key,
-    instead of one statement per row: the server plans and runs it once for a batch.
+    One UPDATE joined to ``jsonb_to_recordset`` of the rows, each row found by its
+    primary key, instead of one statement per row: the server plans and runs it once
+    for a batch. One JSON document is encoded in C; arrays of Python values would be
+    adapted element by element (a sixth of a worker's CPU when it was arrays).
     """
     dialect = postgresql.dialect()
-    arrays = ", ".join(
-        f"CAST(:new_{column} AS {table.c[column].type.compile(dialect=dialect)}[])"
-        for column in columns
+    types = ", ".join(
+        f"{column} {table.c[column].type.compile(dialect=dialect)}" for column in columns
     )
     assignments = ", ".join(f"{column} = new.{column}" for column in columns)
     # The names are the table's own columns, not input: nothing here comes from outside.
     return text(
         f"UPDATE {table.name} SET lease_token = NULL, lease_expires_at = NULL, "  # noqa: S608
         f"updated_at = :now, {assignments} "
-        f"FROM unnest(CAST(:row_id AS bigint[]), {arrays}) AS new (row_id, {', '.join(columns)}) "
-        f"WHERE {table.name}.id = new.row_id AND {table.name}.lease_token = :token"
+        f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS new (id bigint, {types}) "
+        f"WHERE {table.name}.id = new.id AND {table.name}.lease_token = :token"
     )
+
+
+def _json_value(value: Any) -> Any:
+    """A row value JSON cannot hold as it is: a time as ISO 8601 with its offset."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; attach a time zone")
+        return value.isoformat()
+    raise TypeError(f"cannot write {type(value).__name__} into a row")
 
 
 def _write_many(
@@ -993,15 +1004,10 @@ def _write_many(
     if session.get_bind().dialect.name != "postgresql":
         session.execute(_many(table, columns, token, now), [_params(row, columns) for row in rows])
         return
-    arrays = {
-        f"new_{column}": [
-            value.value if isinstance(value, Enum) else value
-            for value in (row[column] for row in rows)
-        ]
-        for column in columns
-    }
-    parameters = {"row_id": [row["id"] for row in rows], "token": token, "now": now, **arrays}
-    session.execute(_many_from_arrays(table, columns), parameters)
+    # Each row is a dict of its columns and more: the recordset reads only the named ones.
+    # Statuses are StrEnums, which JSON writes as their values.
+    document = json.dumps(rows, default=_json_value)
+    session.execute(_many_from_json(table, columns), {"rows": document, "token": token, "now": now})
 
 
 def write_links(*, session: Session, token: str, now: datetime, rows: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ NUMBER = re.compile(r"\d")
 TINY = shlex.split(
     "--quiet-wait 0 --rounds 1 --round-seconds 1 --warmup-seconds 0 --connections 2 "
     "--events 150 --updates 100 --capacity-events 50 --rate-limit 20 --delivery-timeout 90 "
+    "--fast-rate-limit 40 --fast-events 100 "
     "--naive-events 20 --naive-seconds 3 --isolation-users 200 --webhook-users 200 "
     "--backfill-users 300 --claims-depth 2000 --claims-count 3 --claims-drain-seconds 1 "
     "--claims-ingest-rounds 1 --claims-ingest-seconds 1 --vendor-users 200"
@@ -97,12 +98,12 @@ def test_every_benchmark_fills_the_table(tmp_path: Path) -> None:
         for m, cells in measures.items()
         if cells[1]
     ]
-    # Three ingest targets, two per delivery phase plus memory, the capacity over the bare
-    # loop for new and for linked users, the naive ratio, the isolation ratio, the webhook
-    # ratio, the claim time at one depth, the store path's ratio with a full outbox, the
-    # backfill rate, and per vendor (Salesforce, Segment, Braze) its drain rate against its
-    # fake's ceiling and its share of limit answers.
-    assert len(targets) == 3 + 2 * 2 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 3 * 2
+    # Four ingest targets, two per delivery phase plus memory at each of two rate limits,
+    # the capacity over the bare loop for new and for linked users, the naive ratio, the
+    # isolation ratio, the webhook ratio, the claim time at one depth, the store path's
+    # ratio with a full outbox, the backfill rate, and per vendor (Salesforce, Segment,
+    # Braze) its drain rate against its fake's ceiling and its share of limit answers.
+    assert len(targets) == 4 + 2 * (2 * 2 + 1) + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 3 * 2
     for benchmark, measure, (result, _target, met) in targets:
         assert NUMBER.search(result), (benchmark, measure, result)
         assert "n/a" not in result, (benchmark, measure, result)

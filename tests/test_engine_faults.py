@@ -286,3 +286,31 @@ def test_the_message_id_is_stable_across_retries_and_new_for_each_resync(
     (row,) = _rows(pipeline).values()
     sent = [i.message_id for batch in flaky.batches + again.batches for i in batch]
     assert sent == [f"msg_{row.id}_0", f"msg_{row.id}_0", f"msg_{row.id}_1"]
+
+
+def test_an_error_text_no_database_can_hold_costs_only_its_own_user(pipeline: Pipeline) -> None:
+    """A destination's message with a NUL byte or a lone surrogate cannot be stored as
+    text; the batch's rows travel as one document, and the others are recorded all the same."""
+    for n in range(3):
+        pipeline.post(auth0_event("user.created", f"auth0|t{n}", email=f"t{n}@example.com"))
+    destination = MemoryDestination()
+
+    def answer(intent: Intent) -> Outcome:
+        if intent.user.email == "t1@example.com":
+            return Outcome(Verdict.RETRY, reason="server_error", message="bad \x00 and \ud800")
+        return destination._store(intent)
+
+    destination.answer = answer
+    _batch(pipeline, destination)
+    rows = _rows(pipeline)
+    assert rows["auth0|t0"].status == rows["auth0|t2"].status == DeliveryStatus.SUCCEEDED
+    refused = rows["auth0|t1"]
+    assert refused.status == DeliveryStatus.PENDING and refused.lease_token is None
+    assert "recording failed" in (refused.last_error or "")
+    with pipeline.sessions() as session:
+        links = {link.subject: link for link in session.scalars(select(Link))}
+    assert {s: link.lease_token for s, link in links.items()} == dict.fromkeys(links)
+    # Once the destination answers plainly, the user is delivered like the others.
+    destination.answer = None
+    pipeline.drain_with(destination)
+    assert _rows(pipeline)["auth0|t1"].status == DeliveryStatus.SUCCEEDED
