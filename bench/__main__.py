@@ -198,6 +198,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     delivery.add_argument(
         "--worker-concurrency", type=int, default=2, help="celery worker --concurrency (default 2)"
     )
+    delivery.add_argument(
+        "--deliver-tasks",
+        type=int,
+        default=1,
+        help="HUBSPOT_CONCURRENCY: HubSpot deliver tasks at once (default 1, as in idsync)",
+    )
     delivery.add_argument("--sweep-seconds", type=float, default=1.0)
     delivery.add_argument(
         "--delivery-timeout", type=float, help="most seconds one backlog may take (300, quick 90)"
@@ -394,6 +400,7 @@ class Runner:
             rate_limit=args.rate_limit,
             window=args.window,
             concurrency=args.worker_concurrency,
+            deliver_tasks=args.deliver_tasks,
             sweep_seconds=args.sweep_seconds,
             timeout=args.delivery_timeout,
         )

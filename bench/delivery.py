@@ -69,6 +69,7 @@ class DeliveryOptions:
     concurrency: int  # prefork children of the one celery worker
     sweep_seconds: float
     timeout: float  # seconds a phase may take at most
+    deliver_tasks: int = 1  # HUBSPOT_CONCURRENCY: HubSpot deliver tasks at once
 
     @property
     def ceiling(self) -> float:
@@ -494,6 +495,7 @@ def run_backlog(
             "HUBSPOT_BASE_URL": fake_url,
             "HUBSPOT_RATE_LIMIT": f"{options.rate_limit}/{options.window:g}s",
             "HUBSPOT_BATCH_SIZE": str(batch_size),
+            "HUBSPOT_CONCURRENCY": str(options.deliver_tasks),
             "SWEEP_SECONDS": f"{options.sweep_seconds:g}",
         }
         stack = Stack(env=env, workdir=workdir)

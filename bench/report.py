@@ -289,7 +289,8 @@ def delivery_rows(result: BacklogResult, cores: int) -> list[Row]:
             f"fake HubSpot and HUBSPOT_RATE_LIMIT {options.rate_limit}/{options.window:g}s; "
             f"one `celery -A workers worker --concurrency {options.concurrency}` and beat "
             f"(SWEEP_SECONDS={options.sweep_seconds:g}); HUBSPOT_BATCH_SIZE="
-            f"{result.batch_size}; backlog written to the outbox before the wake-up",
+            f"{result.batch_size}, HUBSPOT_CONCURRENCY={options.deliver_tasks}; "
+            "backlog written to the outbox before the wake-up",
         ),
     ]
     return rows

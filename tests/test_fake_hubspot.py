@@ -295,7 +295,7 @@ def test_batch_create_and_archive(api: Api, fake: FakeHubSpot) -> None:
 
 
 def test_rolling_limit_answers_429_without_retry_after(api: Api, fake: FakeHubSpot) -> None:
-    fake.set_rate_limit(5, 0.5)
+    fake.set_rate_limit(5, 2.0)
     answers = [api("GET", f"{CONTACTS}/101") for _ in range(6)]
     assert [a.status_code for a in answers] == [404] * 5 + [429]
     limited = answers[-1]
@@ -306,6 +306,15 @@ def test_rolling_limit_answers_429_without_retry_after(api: Api, fake: FakeHubSp
     assert limited.headers["X-HubSpot-RateLimit-Remaining"] == "0"
     wait_for(lambda: api("GET", f"{CONTACTS}/101").status_code == 404)
     assert fake.stats()["rate_limited"] >= 1
+
+
+def test_a_one_second_window_names_the_secondly_policy(api: Api, fake: FakeHubSpot) -> None:
+    """Clients wait out the window a 429 names: a 1 s window must not say ten seconds."""
+    fake.set_rate_limit(2, 1.0)
+    answers = [api("GET", f"{CONTACTS}/101") for _ in range(3)]
+    assert [a.status_code for a in answers] == [404, 404, 429]
+    assert answers[-1].json()["policyName"] == "SECONDLY"
+    assert "secondly" in answers[-1].json()["message"]
 
 
 def test_daily_limit_answers_429_daily(api: Api, fake: FakeHubSpot) -> None:

@@ -805,7 +805,7 @@ class FakeHubSpot(FakeServer):
         if self._daily_used >= self._daily_limit:
             return self._rate_limited("DAILY", None)
         if len(self._window) >= self._rate_limit:
-            return self._rate_limited("TEN_SECONDLY_ROLLING", None)
+            return self._rate_limited(self._window_policy(), None)
         self._window.append(now)
         self._daily_used += 1
         drawn = self._random.draw() if self._random is not None else None
@@ -880,6 +880,14 @@ class FakeHubSpot(FakeServer):
             if g.generation != self._generation:
                 raise _Stale
             yield
+
+    def _window_policy(self) -> str:
+        """The policy a 429 of the rolling window names: the one whose window is ours.
+
+        A client waits out the named window (HubSpot sends no Retry-After), so a fake
+        with a one-second window must not send it ten seconds away.
+        """
+        return "SECONDLY" if self._window_seconds <= 1.0 else "TEN_SECONDLY_ROLLING"
 
     def _rate_limited(self, policy: str, retry_after: float | None) -> tuple[Response, int]:
         response = jsonify(
